@@ -1,0 +1,3 @@
+"""kiln: immutable infrastructure for Python web services."""
+
+__version__ = "0.1.0"
