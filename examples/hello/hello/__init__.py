@@ -1,0 +1,34 @@
+"""hello: the example app kiln bakes and releases.
+
+Its readiness endpoint answers 503 for the first second of the process's
+life, like a real service warming caches, so releases must wait for health.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from flask import Flask, jsonify
+
+STARTED = time.monotonic()
+READY_AFTER = float(os.environ.get("HELLO_READY_AFTER", "1.0"))
+
+app = Flask(__name__)
+
+
+@app.get("/")
+def index() -> str:
+    greeting = os.environ.get("GREETING", "Hello")
+    return f"{greeting} from hello {os.environ.get('KILN_RELEASE', 'dev')}!\n"
+
+
+@app.get("/status")
+def status() -> tuple[object, int]:
+    ready = time.monotonic() - STARTED >= READY_AFTER
+    body = {
+        "ready": ready,
+        "release": os.environ.get("KILN_RELEASE"),
+        "instance": os.environ.get("KILN_INSTANCE"),
+    }
+    return jsonify(body), (200 if ready else 503)
