@@ -78,9 +78,15 @@ def _uv_env() -> dict[str, str]:
 
 
 def _uv_error(stderr: str) -> str:
+    """uv's own words for what went wrong, on one line."""
     lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
-    useful = [ln for ln in lines if not ln.startswith(("Using ", "Resolved ", "Prepared "))]
-    return " ".join(useful[-4:])[:600] or "uv failed without saying why"
+    said = [
+        re.sub(r"^(error:|cause:|×|╰─▶|\|)\s*", "", ln)
+        for ln in lines
+        if ln.startswith(("error:", "cause:", "×", "╰─▶", "|"))
+    ]
+    said = [ln for ln in said if ln]
+    return "; ".join(said or lines[-3:])[:600] or "uv failed without saying why"
 
 
 def requirements_source(config: AppConfig) -> Path:
@@ -270,5 +276,6 @@ def _packages(target: Path) -> list[Package]:
         if not license_text:
             raw = str(headers.get("License") or "").strip()
             license_text = raw.splitlines()[0] if raw else ""
-        found.append(Package(str(headers["Name"]), str(headers["Version"]), license_text))
+        name = re.sub(r"[-_.]+", "-", str(headers["Name"])).lower()  # PEP 503 normal form
+        found.append(Package(name, str(headers["Version"]), license_text))
     return found
