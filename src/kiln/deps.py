@@ -34,6 +34,8 @@ SCRIPTS = "usr/local/bin"
 _GLIBC = {"3.11": "2_36", "3.13": "2_41"}
 _PIN_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;\\]+)")
 _HASH_RE = re.compile(r"--hash=sha256:[0-9a-f]{64}")
+# How uv marks the lines that explain a failure (plain and fancy renderings).
+_UV_PREFIX = re.compile("^(error:|cause:|\u00d7|\u2570\u2500\u25b6|\\|)\\s*")
 
 
 @dataclass(frozen=True)
@@ -80,11 +82,7 @@ def _uv_env() -> dict[str, str]:
 def _uv_error(stderr: str) -> str:
     """uv's own words for what went wrong, on one line."""
     lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
-    said = [
-        re.sub(r"^(error:|cause:|×|╰─▶|\|)\s*", "", ln)
-        for ln in lines
-        if ln.startswith(("error:", "cause:", "×", "╰─▶", "|"))
-    ]
+    said = [_UV_PREFIX.sub("", ln) for ln in lines if _UV_PREFIX.match(ln)]
     said = [ln for ln in said if ln]
     return "; ".join(said or lines[-3:])[:600] or "uv failed without saying why"
 
