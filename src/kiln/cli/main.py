@@ -292,6 +292,16 @@ def export(image: str, output: Path, as_json: bool) -> None:
     err.print(f"wrote {output} ({human_size(size)}); load it with: podman load -i {output}")
 
 
+def _register_release_commands() -> None:
+    from kiln.cli.releases import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_register_release_commands()
+
+
 # -- entry point -----------------------------------------------------------
 def _debug_log(exc: BaseException) -> Path | None:
     try:

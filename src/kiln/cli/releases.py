@@ -1,0 +1,307 @@
+"""CLI commands that talk to the daemon: releases, rollbacks, status, the daemon itself."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from kiln.cli.output import emit_json, err, out, short
+from kiln.daemon.client import DaemonClient
+from kiln.errors import ReleaseError
+from kiln.home import Home
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document on stdout."
+)
+env_option = click.option("--env", "env", required=True, help="The environment, e.g. production.")
+TERMINAL = ("serving", "aborted", "failed", "stopped", "retired", "warm")
+STATE_STYLE = {
+    "ready": "green",
+    "serving": "bold green",
+    "starting": "yellow",
+    "draining": "cyan",
+    "warm": "blue",
+    "failed": "red",
+    "aborted": "red",
+    "stopped": "dim",
+    "retired": "dim",
+}
+
+
+def client() -> DaemonClient:
+    c = DaemonClient(Home.from_env())
+    c.ensure()
+    return c
+
+
+def _styled(state: str) -> Text:
+    return Text(state, style=STATE_STYLE.get(state, ""))
+
+
+def _release_panel(view: dict[str, Any]) -> Group:
+    head = Text.assemble(
+        (f"{view['release']} ", "bold"),
+        (f"{view['app']} {short(view['image'])} → {view['env']} ({view['strategy']}): ", ""),
+        _styled(view["state"]),
+        (f"   traffic {view['weight']}%", ""),
+    )
+    table = Table(box=None, pad_edge=False)
+    for col in ("instance", "state", "address", "health"):
+        table.add_column(col)
+    for inst in view["instances"]:
+        health = "in rotation" if inst["in_rotation"] else (inst["exit_reason"] or "-")
+        table.add_row(inst["id"], _styled(inst["state"]), inst["addr"], health)
+    notes = [Text(f"  · {e['message']}", style="dim") for e in view.get("events", [])[-4:]]
+    return Group(head, table, *notes)
+
+
+def follow_release(c: DaemonClient, release_id: int, as_json: bool) -> dict[str, Any]:
+    """Poll a release until it ends, showing its progress on a terminal."""
+    view: dict[str, Any] = c.get(f"/releases/{release_id}")
+    live = (
+        Live(_release_panel(view), console=err, refresh_per_second=8, transient=False)
+        if err.is_terminal and not as_json
+        else None
+    )
+    seen = 0
+    try:
+        if live:
+            live.start()
+        while view["state"] not in TERMINAL:
+            time.sleep(0.1)
+            view = c.get(f"/releases/{release_id}")
+            if live:
+                live.update(_release_panel(view))
+            elif not as_json:
+                for event in view.get("events", [])[seen:]:
+                    err.print(f"• {event['message']}")
+                seen = len(view.get("events", []))
+    finally:
+        if live:
+            live.stop()
+    if not live and not as_json:
+        for event in view.get("events", [])[seen:]:
+            err.print(f"• {event['message']}")
+    return view
+
+
+def _failure_detail(view: dict[str, Any]) -> str:
+    failed = [i for i in view["instances"] if i["state"] == "failed" and i.get("log_tail")]
+    if not failed:
+        return ""
+    inst = failed[-1]
+    tail = "\n".join(f"    {line}" for line in inst["log_tail"])
+    return f"last lines of {inst['id']} ({inst['exit_reason']}):\n{tail}"
+
+
+def _finish(view: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        emit_json(view)
+    if view["state"] == "aborted":
+        detail = _failure_detail(view)
+        if detail and not as_json:
+            err.print(detail, markup=False, highlight=False)
+        raise ReleaseError(
+            f"{view['release']} to {view['env']} aborted: {view['reason']}",
+            hint="the previous release keeps serving",
+        )
+    if not as_json:
+        listen = view.get("listen")
+        err.print(f"[bold green]{view['release']} serves {view['env']}[/] at http://{listen}/")
+
+
+@click.command()
+@click.argument("image")
+@env_option
+@click.option(
+    "--strategy", type=click.Choice(["blue-green", "rolling"]), help="Default: from kiln.toml."
+)
+@json_option
+def release(image: str, env: str, strategy: str | None, as_json: bool) -> None:
+    """Release IMAGE into ENV as brand-new instances; waits until it serves."""
+    c = client()
+    started = c.post("/releases", {"image": image, "env": env, "strategy": strategy})
+    view = follow_release(c, started["id"], as_json)
+    _finish(view, as_json)
+
+
+@click.command()
+@env_option
+@click.option("--to", "to", help="The release to go back to, e.g. r3 (default: the previous one).")
+@json_option
+def rollback(env: str, to: str | None, as_json: bool) -> None:
+    """Switch ENV back to the previous release (instant while it is warm)."""
+    number = None
+    if to is not None:
+        raw = to.lower().removeprefix("r")
+        if not raw.isdigit():
+            raise click.BadParameter(f"{to!r} is not a release like r3", param_hint="--to")
+        number = int(raw)
+    started = time.monotonic()
+    c = client()
+    view = c.post("/rollback", {"env": env, "to": number})
+    if view["state"] not in TERMINAL:
+        view = follow_release(c, view["id"], as_json)
+        _finish(view, as_json)
+        return
+    if as_json:
+        emit_json({**view, "seconds": round(time.monotonic() - started, 4)})
+        return
+    err.print(
+        f"[bold green]{view['release']} serves {env} again[/] ({time.monotonic() - started:.2f}s)"
+    )
+
+
+@click.command()
+@env_option
+@json_option
+def abort(env: str, as_json: bool) -> None:
+    """Abort the release in progress in ENV; the serving release keeps 100%."""
+    view = client().post("/abort", {"env": env})
+    if as_json:
+        emit_json(view)
+        return
+    err.print(f"{view['release']} aborted; {env} stays on its serving release")
+
+
+@click.command()
+@click.option("--env", "env", help="Only this environment.")
+@json_option
+def status(env: str | None, as_json: bool) -> None:
+    """Releases with their traffic, instances with their health."""
+    data = client().get("/status" + (f"?env={env}" if env else ""))
+    if as_json:
+        emit_json(data)
+        return
+    if not data["envs"]:
+        err.print("nothing released yet; try [bold]kiln release IMAGE --env ENV[/]")
+        return
+    for e in data["envs"]:
+        out.print(f"[bold]{e['env']}[/]  {e['url'] or '-'}")
+        table = Table()
+        for col in ("release", "image", "state", "traffic", "instance", "health", "uptime"):
+            table.add_column(col)
+        for r in e["releases"]:
+            insts = r["instances"] or [None]
+            for n, inst in enumerate(insts):
+                first = n == 0
+                table.add_row(
+                    r["release"] if first else "",
+                    short(r["image"]) if first else "",
+                    _styled(r["state"]) if first else Text(""),
+                    f"{r['weight']}%" if first else "",
+                    inst["id"] if inst else "-",
+                    _styled(inst["state"]) if inst else Text("-"),
+                    f"{inst['uptime']:.0f}s" if inst else "",
+                )
+        out.print(table)
+
+
+@click.command()
+@json_option
+def ps(as_json: bool) -> None:
+    """Every running instance."""
+    data = client().get("/ps")
+    if as_json:
+        emit_json(data)
+        return
+    table = Table()
+    for col in ("instance", "env", "state", "address", "pid"):
+        table.add_column(col)
+    for i in data["instances"]:
+        table.add_row(i["id"], i["env"], _styled(i["state"]), i["addr"], str(i["pid"] or "-"))
+    out.print(table)
+
+
+@click.command()
+@env_option
+@json_option
+def history(env: str, as_json: bool) -> None:
+    """Every release of ENV, newest first."""
+    data = client().get(f"/history?env={env}")
+    if as_json:
+        emit_json(data)
+        return
+    table = Table()
+    for col in ("release", "image", "strategy", "state", "by", "when", "note"):
+        table.add_column(col)
+    for r in reversed(data["releases"]):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"]))
+        note = r["reason"] or (f"rollback to r{r['rollback_of']}" if r["rollback_of"] else "")
+        table.add_row(
+            r["release"],
+            short(r["image"]),
+            r["strategy"],
+            _styled(r["state"]),
+            r["actor"],
+            when,
+            note,
+        )
+    out.print(table)
+
+
+@click.command()
+@click.option("--env", "env", help="Only this environment.")
+@click.option("--since", type=float, help="Only events after this UNIX time.")
+@json_option
+def events(env: str | None, since: float | None, as_json: bool) -> None:
+    """The audit trail: who did what, when, to which image."""
+    query = "&".join(f"{k}={v}" for k, v in (("env", env), ("since", since)) if v is not None)
+    data = client().get("/events" + (f"?{query}" if query else ""))
+    if as_json:
+        emit_json(data)
+        return
+    for e in data["events"]:
+        when = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
+        where = e["env"] or "-"
+        out.print(
+            f"{when} [bold]{e['kind']:<20}[/] {where:<12} {e['actor']:<16} {e['message']}",
+            markup=True,
+        )
+
+
+@click.group()
+def daemon() -> None:
+    """Start, stop or check the daemon (commands that need it start it)."""
+
+
+@daemon.command("start")
+def daemon_start() -> None:
+    health = client().running()
+    assert health is not None
+    err.print(f"kiln daemon running (pid {health['pid']}) for {health['home']}")
+
+
+@daemon.command("stop")
+@click.option("--all", "everything", is_flag=True, help="Also stop every instance and the router.")
+def daemon_stop(everything: bool) -> None:
+    stopped = DaemonClient(Home.from_env()).stop(everything=everything)
+    what = (
+        "daemon, instances and router"
+        if everything
+        else "daemon (instances and router keep serving)"
+    )
+    err.print(f"stopped the {what}" if stopped else "the daemon was not running")
+
+
+@daemon.command("status")
+@json_option
+def daemon_status(as_json: bool) -> None:
+    health = DaemonClient(Home.from_env()).running()
+    if as_json:
+        emit_json({"running": bool(health), **(health or {})})
+        return
+    if health:
+        err.print(f"running: pid {health['pid']}, KILN_HOME {health['home']}")
+    else:
+        err.print("not running")
+        raise SystemExit(1)
+
+
+COMMANDS = [release, rollback, abort, status, ps, history, events, daemon]

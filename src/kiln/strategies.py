@@ -1,0 +1,190 @@
+"""Release strategies as pure planners.
+
+A planner looks at a snapshot of an environment (the release being rolled
+out and the ones already serving) and answers with the next actions. It
+never touches processes, the router or the database: the daemon applies the
+actions, persists them, takes a new snapshot and asks again, so a daemon
+restarted at any point simply plans from what is recorded. Tests feed
+snapshots and check the actions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Give up on a release when this many of its instances have died before
+# becoming ready (a crash loop), whatever the timeout says.
+MAX_FAILED_STARTS = 3
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One release as the planner sees it."""
+
+    release_id: int
+    state: str
+    weight: int
+    replicas: int
+    ready: int = 0  # ready and in rotation
+    starting: int = 0
+    failed: int = 0  # died or never became healthy, since the release began
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    target: Pool
+    others: tuple[Pool, ...]  # the env's other live releases (serving or warm)
+    now: float
+    started: float  # when the target release began
+    timeout: float  # how long instances may take to become ready
+    keep_previous: float
+    max_surge: int = 1
+    max_unavailable: int = 0
+
+    @property
+    def serving(self) -> tuple[Pool, ...]:
+        return tuple(p for p in self.others if p.state == "serving")
+
+    @property
+    def warm(self) -> tuple[Pool, ...]:
+        return tuple(p for p in self.others if p.state == "warm")
+
+
+@dataclass(frozen=True)
+class Start:
+    release_id: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Set every listed release's share of traffic in one router update."""
+
+    weights: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Take ``count`` instances of a release out of rotation, then stop them."""
+
+    release_id: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Mark:
+    release_id: int
+    state: str
+    warm_for: float | None = None
+
+
+@dataclass(frozen=True)
+class Abort:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    why: str = ""
+
+
+Action = Start | Weights | Drain | Mark | Abort | Wait
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...] = field(default_factory=tuple)
+    done: bool = False
+
+
+def _health_verdict(s: Snapshot) -> Abort | None:
+    t = s.target
+    if t.failed >= MAX_FAILED_STARTS:
+        return Abort(
+            f"{t.failed} instances crashed or failed their health check before becoming ready"
+        )
+    if s.now - s.started > s.timeout and t.ready < t.replicas:
+        return Abort(
+            f"only {t.ready} of {t.replicas} instances became ready within {s.timeout:.0f}s"
+        )
+    return None
+
+
+def _start_missing(t: Pool, limit: int | None = None) -> Start | None:
+    missing = t.replicas - t.ready - t.starting
+    if limit is not None:
+        missing = min(missing, limit)
+    return Start(t.release_id, missing) if missing > 0 else None
+
+
+def blue_green(s: Snapshot) -> Plan:
+    """All new instances ready, then one atomic switch; the old release stays warm."""
+    t = s.target
+    verdict = _health_verdict(s)
+    if verdict:
+        return Plan((verdict,))
+    start = _start_missing(t)
+    if start:
+        return Plan((start,))
+    if t.ready < t.replicas:
+        return Plan((Wait(f"{t.ready}/{t.replicas} ready"),))
+    weights = [(t.release_id, 100)] + [(p.release_id, 0) for p in s.others]
+    actions: list[Action] = [Weights(tuple(weights)), Mark(t.release_id, "serving")]
+    for p in s.serving:
+        actions.append(Mark(p.release_id, "warm", warm_for=s.keep_previous))
+    # Only the release just replaced stays warm; older warm ones retire now.
+    actions += [Mark(p.release_id, "retiring") for p in s.warm]
+    return Plan(tuple(actions), done=True)
+
+
+def rolling(s: Snapshot) -> Plan:
+    """Replace instances in batches: new ones ready before old ones leave rotation."""
+    t = s.target
+    verdict = _health_verdict(s)
+    if verdict:
+        return Plan((verdict,))
+    old_ready = sum(p.ready for p in s.serving)
+    floor = max(t.replicas - s.max_unavailable, 0)
+    actions: list[Action] = []
+    # Surge: how many new instances may run beyond the wanted count.
+    room = t.replicas + s.max_surge - (t.ready + t.starting + old_ready)
+    if s.max_surge == 0 and t.ready + t.starting == 0 and old_ready > 0:
+        room = 0  # with no surge, capacity must first be freed below
+    start = _start_missing(t, max(room, 0))
+    if start:
+        actions.append(start)
+    # Traffic follows capacity: each side's weight is its ready instances.
+    weights = tuple([(t.release_id, t.ready)] + [(p.release_id, p.ready) for p in s.serving])
+    # Old instances may leave as long as the ready total stays above the floor.
+    excess = t.ready + old_ready - floor
+    if t.ready == 0 and s.max_unavailable == 0:
+        excess = 0
+    drains: list[Action] = []
+    for p in s.serving:
+        take = min(p.ready, max(excess, 0))
+        if take > 0:
+            drains.append(Drain(p.release_id, take))
+            excess -= take
+    if t.ready >= t.replicas and old_ready == 0:
+        final: list[Action] = [Weights(((t.release_id, 100),)), Mark(t.release_id, "serving")]
+        final += [Mark(p.release_id, "retiring") for p in s.others]
+        return Plan(tuple(final), done=True)
+    if t.ready > 0 or old_ready > 0:
+        actions.insert(0, Weights(weights))
+    actions += drains
+    if not actions:
+        actions.append(Wait(f"{t.ready}/{t.replicas} new ready, {old_ready} old in rotation"))
+    return Plan(tuple(actions))
+
+
+def switch_back(s: Snapshot) -> Plan:
+    """Rollback to a warm release: one atomic switch, no instance started."""
+    t = s.target
+    weights = [(t.release_id, 100)] + [(p.release_id, 0) for p in s.others]
+    actions: list[Action] = [Weights(tuple(weights)), Mark(t.release_id, "serving")]
+    actions += [Mark(p.release_id, "warm", warm_for=s.keep_previous) for p in s.serving]
+    actions += [Mark(p.release_id, "retiring") for p in s.warm]
+    return Plan(tuple(actions), done=True)
+
+
+PLANNERS = {"blue-green": blue_green, "rolling": rolling, "rollback": blue_green}
