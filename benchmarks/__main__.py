@@ -13,7 +13,7 @@ from rich.table import Table
 
 from benchmarks.common import Row
 
-SUITES = ("bake",)
+SUITES = ("bake", "release")
 RESULTS = Path(__file__).parent / "results"
 
 

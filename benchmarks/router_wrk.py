@@ -4,8 +4,10 @@
 
 Starts a small uvloop+httptools upstream (one process), a kiln router and an
 HAProxy (single-threaded, like the router) in front of it, runs the same wrk
-command against each and prints requests per second. Needs ``wrk`` and
-``haproxy`` on PATH.
+command against each and prints requests per second, and the proxy's CPU
+time per request (user + system, from /proc). On a small machine wrk, the
+upstream and the proxy compete for CPUs, so the CPU cost per request is the
+steadier comparison. Needs ``wrk`` and ``haproxy`` on PATH.
 """
 
 from __future__ import annotations
@@ -73,7 +75,12 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def _wrk(port: int, threads: int, connections: int, duration: int) -> tuple[float, str]:
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wrk(port: int, threads: int, connections: int, duration: int) -> tuple[float, int, str]:
     cmd = [
         "wrk",
         f"-t{threads}",
@@ -84,10 +91,11 @@ def _wrk(port: int, threads: int, connections: int, duration: int) -> tuple[floa
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     p99 = re.search(r"99%\s+(\S+)", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
     note = (p99.group(1) if p99 else "?") + (f"  {errors.group(0)}" if errors else "")
-    return rps, note
+    return rps, total, note
 
 
 def main() -> int:
@@ -115,7 +123,8 @@ def main() -> int:
         from kiln.router.client import spawn_router
 
         control = work / "router.sock"
-        procs.append(spawn_router(control, work / "router.json"))
+        router = spawn_router(control, work / "router.json")
+        procs.append(router)
         from kiln.router.client import RouterClient
 
         RouterClient(control).put_config(
@@ -155,20 +164,32 @@ backend b
     server s1 127.0.0.1:{up_port}
 """
         )
-        procs.append(subprocess.Popen(["haproxy", "-f", str(cfg)]))
+        haproxy = subprocess.Popen(["haproxy", "-f", str(cfg)])
+        procs.append(haproxy)
         _wait_port(router_port)
         _wait_port(haproxy_port)
 
         results = {}
-        for name, port in (("direct", up_port), ("kiln", router_port), ("haproxy", haproxy_port)):
+        cpu_per_request = {}
+        targets = (
+            ("direct", up_port, None),
+            ("kiln", router_port, router.pid),
+            ("haproxy", haproxy_port, haproxy.pid),
+        )
+        for name, port, pid in targets:
             _wrk(port, args.threads, args.connections, 1)  # warm up
+            before = _cpu_seconds(pid) if pid else 0.0
             results[name] = _wrk(port, args.threads, args.connections, args.duration)
+            if pid:
+                cpu_per_request[name] = (_cpu_seconds(pid) - before) / results[name][1] * 1e6
         cmd = f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s"
         print(f"{cmd}, {os.cpu_count()} CPUs")
-        for name, (rps, note) in results.items():
-            print(f"  {name:8} {rps:10.0f} req/s   p99 {note}")
-        ratio = results["kiln"][0] / results["haproxy"][0]
-        print(f"  kiln/haproxy = {ratio:.2f}")
+        for name, (rps, _, note) in results.items():
+            cpu = f"{cpu_per_request[name]:5.1f} us CPU/request" if name in cpu_per_request else ""
+            print(f"  {name:8} {rps:10.0f} req/s  {cpu:24} p99 {note}")
+        print(f"  kiln/haproxy throughput = {results['kiln'][0] / results['haproxy'][0]:.2f}")
+        efficiency = cpu_per_request["haproxy"] / cpu_per_request["kiln"]
+        print(f"  kiln/haproxy CPU efficiency = {efficiency:.2f}")
         print(json.dumps({k: v[0] for k, v in results.items()}))
     finally:
         for proc in procs:

@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import copy_example, git, run_kiln
 from kiln.runtime.local import LocalRuntime
+from kit import copy_example, git, run_kiln
 
 
 def free_port() -> int:

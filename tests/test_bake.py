@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from conftest import KILN, git, run_kiln
 from kiln.store import ImageStore
+from kit import KILN, git, run_kiln
 
 pytestmark = pytest.mark.slow
 

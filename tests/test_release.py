@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KILN, run_kiln
 from kiln import procs
+from kit import KILN, run_kiln
 from releasekit import Load, bake, cleanup, free_port, make_app, releases_seen
 
 pytestmark = pytest.mark.slow
@@ -127,7 +127,7 @@ def test_instances_are_sealed(tmp_path: Path) -> None:
         + "    return {'uid': os.getuid(), 'pid': os.getpid(), 'root': w('/app/x'), 'tmp': w('/tmp/x'),"
         " 'env': sorted(os.environ), 'hostname': os.uname().nodename}\n"
     )
-    from conftest import git
+    from kit import git
 
     git(app, "commit", "-qam", "seal probe")
     release(bake(app))
