@@ -13,7 +13,7 @@ from rich.text import Text
 
 from kiln.cli.output import emit_json, err, out, short
 from kiln.daemon.client import DaemonClient
-from kiln.errors import ReleaseError
+from kiln.errors import DaemonError, ReleaseError
 from kiln.home import Home
 
 json_option = click.option(
@@ -61,6 +61,18 @@ def _release_panel(view: dict[str, Any]) -> Group:
     return Group(head, table, *notes)
 
 
+def _poll(c: DaemonClient, release_id: int) -> dict[str, Any]:
+    """The release's current view. A daemon that died is started again: the
+    release is recorded, so the new daemon carries it on and we keep watching."""
+    try:
+        view: dict[str, Any] = c.get(f"/releases/{release_id}")
+    except DaemonError:
+        err.print("[yellow]the daemon went away; starting it again to carry on[/]")
+        c.ensure()
+        view = c.get(f"/releases/{release_id}")
+    return view
+
+
 def follow_release(c: DaemonClient, release_id: int, as_json: bool) -> dict[str, Any]:
     """Poll a release until it ends, showing its progress on a terminal."""
     view: dict[str, Any] = c.get(f"/releases/{release_id}")
@@ -75,7 +87,7 @@ def follow_release(c: DaemonClient, release_id: int, as_json: bool) -> dict[str,
             live.start()
         while view["state"] not in TERMINAL:
             time.sleep(0.1)
-            view = c.get(f"/releases/{release_id}")
+            view = _poll(c, release_id)
             if live:
                 live.update(_release_panel(view))
             elif not as_json:
