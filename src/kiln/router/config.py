@@ -66,6 +66,8 @@ class PoolSpec:
     release: str
     weight: int
     instances: tuple[InstanceSpec, ...]
+    # Other names a client may pin to with X-Kiln-Release, e.g. "canary".
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,7 @@ class RouterConfig:
                         {
                             "release": pool.release,
                             "weight": pool.weight,
+                            **({"aliases": list(pool.aliases)} if pool.aliases else {}),
                             "instances": [
                                 {"id": inst.id, "addr": str(inst.addr)} for inst in pool.instances
                             ],
@@ -144,13 +147,19 @@ def _parse_env(data: object, where: str) -> EnvSpec:
     for i, pool_data in enumerate(pools_data):
         pwhere = f"{where}.pools[{i}]"
         pool_obj = _mapping(pool_data, pwhere)
-        _only(pool_obj, {"release", "weight", "instances"}, pwhere)
+        _only(pool_obj, {"release", "weight", "instances", "aliases"}, pwhere)
         release = pool_obj.get("release")
         if not isinstance(release, str) or not _NAME.match(release):
             raise InvalidConfig(f"{pwhere}.release: expected a release name like 'r3'")
-        if release in releases:
-            raise InvalidConfig(f"{pwhere}.release: {release!r} appears twice")
-        releases.add(release)
+        aliases = pool_obj.get("aliases", [])
+        if not isinstance(aliases, list) or not all(
+            isinstance(a, str) and _NAME.match(a) for a in aliases
+        ):
+            raise InvalidConfig(f"{pwhere}.aliases: expected a list of names like 'canary'")
+        for name in (release, *aliases):
+            if name in releases:
+                raise InvalidConfig(f"{pwhere}: {name!r} appears twice")
+            releases.add(name)
         weight = pool_obj.get("weight", 0)
         if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 1_000_000:
             raise InvalidConfig(f"{pwhere}.weight: expected an integer >= 0")
@@ -169,7 +178,7 @@ def _parse_env(data: object, where: str) -> EnvSpec:
                 raise InvalidConfig(f"{iwhere}.id: {inst_id!r} appears twice in {where}")
             instance_ids.add(inst_id)
             instances.append(InstanceSpec(inst_id, Address.parse(inst_obj.get("addr"), iwhere)))
-        pools.append(PoolSpec(release, weight, tuple(instances)))
+        pools.append(PoolSpec(release, weight, tuple(instances), tuple(aliases)))
     return EnvSpec(listen, tuple(pools), sticky)
 
 
@@ -191,6 +200,8 @@ def load_state(path: Path) -> RouterConfig | None:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise InvalidConfig(f"state file {path}: {exc.strerror or exc}") from exc
     try:
         return RouterConfig.from_json(json.loads(text))
     except (ValueError, InvalidConfig) as exc:
