@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kiln.canary import Thresholds
 from kiln.errors import ConfigError
 
 CONFIG_NAME = "kiln.toml"
@@ -92,7 +93,7 @@ class TestSection:
 class CanarySection:
     steps: tuple[int, ...] = (10, 50, 100)
     interval: float = 30.0
-    raw: Mapping[str, Any] = field(default_factory=dict)
+    thresholds: Thresholds = field(default_factory=Thresholds)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class EnvSection:
     secrets_file: str | None = None
     keep_previous: float | None = None
     strategy: str | None = None
+    sticky: bool = False
 
 
 @dataclass(frozen=True)
@@ -301,13 +303,38 @@ def _parse_test(t: _Table) -> TestSection:
 
 def _parse_canary(raw: object, where: str, file: Path) -> CanarySection:
     t = _Table(raw, where, file)
+    t.only(
+        "steps",
+        "interval",
+        "min_requests",
+        "max_error_increase",
+        "max_latency_ratio",
+        "latency_floor",
+        "count_4xx",
+        "max_inconclusive",
+    )
     steps = t.get("steps", list, [10, 50, 100])
     if not steps or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
         raise t.fail("steps", "must be a list of percentages, e.g. [10, 50, 100]")
     if any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(steps):
         raise t.fail("steps", "must rise from above 0 up to at most 100")
+    defaults = Thresholds()
+    error_increase = t.get("max_error_increase", (int, float), defaults.max_error_increase)
+    ratio = t.get("max_latency_ratio", (int, float), defaults.max_latency_ratio)
+    if not 0 <= float(error_increase) <= 1:
+        raise t.fail("max_error_increase", "must be a fraction between 0 and 1, e.g. 0.02")
+    if float(ratio) < 1:
+        raise t.fail("max_latency_ratio", "must be at least 1")
+    thresholds = Thresholds(
+        min_requests=_positive(t, "min_requests", defaults.min_requests),
+        max_error_increase=float(error_increase),
+        max_latency_ratio=float(ratio),
+        latency_floor=t.duration("latency_floor", defaults.latency_floor),
+        count_4xx=t.get("count_4xx", bool, defaults.count_4xx),
+        max_inconclusive=_positive(t, "max_inconclusive", defaults.max_inconclusive),
+    )
     return CanarySection(
-        steps=tuple(steps), interval=t.duration("interval", 30.0), raw=dict(t.data)
+        steps=tuple(steps), interval=t.duration("interval", 30.0), thresholds=thresholds
     )
 
 
@@ -367,6 +394,7 @@ def _parse_env(name: str, t: _Table) -> EnvSection:
         secrets_file=t.optional("secrets_file", str),
         keep_previous=None if keep < 0 else keep,
         strategy=_parse_strategy(t, None),
+        sticky=t.get("sticky", bool, False),
     )
 
 

@@ -42,6 +42,8 @@ def build_spec(
     env: str,
     home_root: Path,
     strategy: str | None,
+    canary_steps: list[int] | None = None,
+    canary_interval: float | None = None,
 ) -> dict[str, Any]:
     toml_path = rootfs / "app" / "kiln.toml"
     try:
@@ -68,8 +70,8 @@ def build_spec(
         secrets_file = str(path if path.is_absolute() else home_root / "secrets" / path)
         read_secrets(Path(secrets_file))  # fail now, not at instance start
     chosen = strategy or section.strategy or config.release.strategy
-    if chosen == "canary":
-        raise UsageError("the canary strategy is not available yet; use blue-green or rolling")
+    canary = config.release.canary
+    steps = list(canary_steps) if canary_steps else list(canary.steps)
     if config.release.max_surge + config.release.max_unavailable < 1:
         raise ConfigError("release.max_surge + release.max_unavailable must be at least 1")
     return {
@@ -95,6 +97,12 @@ def build_spec(
         "health_interval": config.health.interval,
         "require_tests": section.require_tests,
         "command_json": json.loads(annotations.get("dev.kiln.command", "[]")),
+        "sticky": section.sticky,
+        "canary": {
+            "steps": steps,
+            "interval": canary.interval if canary_interval is None else canary_interval,
+            "thresholds": canary.thresholds.to_json(),
+        },
     }
 
 

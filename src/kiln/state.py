@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS releases (
     reason TEXT,
     rollback_of INTEGER,
     actor TEXT NOT NULL,
+    progress TEXT NOT NULL DEFAULT '{}',
+    trail TEXT NOT NULL DEFAULT '[]',
     UNIQUE (env, number)
 );
 CREATE TABLE IF NOT EXISTS instances (
@@ -119,6 +121,8 @@ class Release:
     reason: str | None
     rollback_of: int | None
     actor: str
+    progress: dict[str, Any]  # strategy bookkeeping, e.g. the canary's current step
+    trail: list[dict[str, Any]]  # the canary's decisions: numbers, thresholds, verdicts
 
     @property
     def name(self) -> str:
@@ -144,6 +148,8 @@ class Release:
             "rollback_of": self.rollback_of,
             "actor": self.actor,
             "listen": self.spec.get("listen"),
+            "progress": self.progress,
+            "trail": self.trail,
         }
 
 
@@ -226,7 +232,8 @@ class State:
     @staticmethod
     def _release(row: sqlite3.Row) -> Release:
         values = {k: row[k] for k in _RELEASE_COLS}
-        values["spec"] = json.loads(values["spec"])
+        for key in ("spec", "progress", "trail"):
+            values[key] = json.loads(values[key])
         return Release(**values)
 
     def create_release(
@@ -312,8 +319,9 @@ class State:
 
     def update_release(self, release_id: int, **fields: Any) -> None:
         fields["updated"] = time.time()
-        if "spec" in fields:
-            fields["spec"] = json.dumps(fields["spec"])
+        for key in ("spec", "progress", "trail"):
+            if key in fields:
+                fields[key] = json.dumps(fields[key])
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self.tx() as db:
             db.execute(f"UPDATE releases SET {cols} WHERE id = ?", (*fields.values(), release_id))

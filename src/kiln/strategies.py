@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kiln.canary import FAIL, PASS, Verdict
+
 # Give up on a release when this many of its instances have died before
 # becoming ready (a crash loop), whatever the timeout says.
 MAX_FAILED_STARTS = 3
@@ -88,7 +90,34 @@ class Wait:
     why: str = ""
 
 
-Action = Start | Weights | Drain | Mark | Abort | Wait
+@dataclass(frozen=True)
+class Step:
+    """Canary: move to step ``index``, sending it ``weight`` percent of traffic."""
+
+    index: int
+    weight: int
+
+
+@dataclass(frozen=True)
+class Judge:
+    """Canary: record the verdict on the current step in the release's trail."""
+
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class Extend:
+    """Canary: not enough to judge yet; measure the current step for longer."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Pause:
+    reason: str
+
+
+Action = Start | Weights | Drain | Mark | Abort | Wait | Step | Judge | Extend | Pause
 
 
 @dataclass(frozen=True)
@@ -128,13 +157,8 @@ def blue_green(s: Snapshot) -> Plan:
         return Plan((start,))
     if t.ready < t.replicas:
         return Plan((Wait(f"{t.ready}/{t.replicas} ready"),))
-    weights = [(t.release_id, 100)] + [(p.release_id, 0) for p in s.others]
-    actions: list[Action] = [Weights(tuple(weights)), Mark(t.release_id, "serving")]
-    for p in s.serving:
-        actions.append(Mark(p.release_id, "warm", warm_for=s.keep_previous))
     # Only the release just replaced stays warm; older warm ones retire now.
-    actions += [Mark(p.release_id, "retiring") for p in s.warm]
-    return Plan(tuple(actions), done=True)
+    return Plan(tuple(_promote(s)), done=True)
 
 
 def rolling(s: Snapshot) -> Plan:
@@ -177,14 +201,71 @@ def rolling(s: Snapshot) -> Plan:
     return Plan(tuple(actions))
 
 
-def switch_back(s: Snapshot) -> Plan:
-    """Rollback to a warm release: one atomic switch, no instance started."""
+def _promote(s: Snapshot) -> list[Action]:
+    """The new release takes everything; the one it replaces stays warm."""
     t = s.target
-    weights = [(t.release_id, 100)] + [(p.release_id, 0) for p in s.others]
-    actions: list[Action] = [Weights(tuple(weights)), Mark(t.release_id, "serving")]
+    actions: list[Action] = [
+        Weights(tuple([(t.release_id, 100)] + [(p.release_id, 0) for p in s.others])),
+        Mark(t.release_id, "serving"),
+    ]
     actions += [Mark(p.release_id, "warm", warm_for=s.keep_previous) for p in s.serving]
     actions += [Mark(p.release_id, "retiring") for p in s.warm]
-    return Plan(tuple(actions), done=True)
+    return actions
+
+
+@dataclass(frozen=True)
+class CanaryState:
+    steps: tuple[int, ...]
+    interval: float
+    step: int = -1  # -1: no traffic yet
+    step_started: float = 0.0
+    paused: bool = False
+    inconclusive: int = 0  # consecutive intervals the current step could not be judged
+    max_inconclusive: int = 3
+    verdict: Verdict | None = None  # the analysis of the current step, once it is due
+
+
+def canary(s: Snapshot, c: CanaryState) -> Plan:
+    """Shift traffic step by step, judging the canary against the stable release."""
+    t = s.target
+    if c.step < 0:
+        verdict = _health_verdict(s)
+        if verdict:
+            return Plan((verdict,))
+    elif t.failed >= MAX_FAILED_STARTS:
+        return Plan((Abort(f"{t.failed} canary instances crashed or failed their health check"),))
+    start = _start_missing(t)
+    if c.step < 0:
+        if start:
+            return Plan((start,))
+        if t.ready < t.replicas:
+            return Plan((Wait(f"{t.ready}/{t.replicas} ready"),))
+        if not s.serving:
+            # Nothing to compare with: the first release of an environment.
+            return Plan(tuple(_promote(s)), done=True)
+        return Plan((Step(0, c.steps[0]),))
+    actions: list[Action] = [start] if start else []
+    if c.paused:
+        return Plan((*actions, Wait("paused")))
+    if s.now - c.step_started < c.interval or c.verdict is None:
+        return Plan((*actions, Wait(f"step {c.step + 1}/{len(c.steps)} at {c.steps[c.step]}%")))
+    v = c.verdict
+    if v.result == FAIL:
+        return Plan((Judge(v), Abort(f"canary failed at {c.steps[c.step]}%: {v.reason}")))
+    if v.result != PASS:
+        if c.inconclusive + 1 >= c.max_inconclusive:
+            why = f"paused at {c.steps[c.step]}%: {v.reason} for {c.inconclusive + 1} intervals"
+            return Plan((Judge(v), Pause(why + "; promote or abort")))
+        return Plan((Judge(v), Extend(v.reason)))
+    if c.step + 1 >= len(c.steps) or c.steps[c.step] >= 100:
+        return Plan((Judge(v), *_promote(s)), done=True)
+    return Plan((Judge(v), Step(c.step + 1, c.steps[c.step + 1])))
+
+
+def promote(s: Snapshot) -> Plan:
+    """All traffic to the target now: ``kiln promote``, and rollback to a warm
+    release (one atomic switch, no instance started)."""
+    return Plan(tuple(_promote(s)), done=True)
 
 
 PLANNERS = {"blue-green": blue_green, "rolling": rolling, "rollback": blue_green}

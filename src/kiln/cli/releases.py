@@ -8,6 +8,7 @@ from typing import Any
 import click
 from rich.console import Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -58,7 +59,38 @@ def _release_panel(view: dict[str, Any]) -> Group:
         health = "in rotation" if inst["in_rotation"] else (inst["exit_reason"] or "-")
         table.add_row(inst["id"], _styled(inst["state"]), inst["addr"], health)
     notes = [Text(f"  · {e['message']}", style="dim") for e in view.get("events", [])[-4:]]
+    canary = view.get("canary")
+    if canary:
+        return Group(head, _canary_table(canary), table, *notes)
     return Group(head, table, *notes)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f} ms"
+
+
+def _canary_table(canary: dict[str, Any]) -> Table:
+    n = canary["numbers"]
+    state = " (paused)" if canary["paused"] else ""
+    table = Table(
+        title=f"canary step {canary['step']}/{len(canary['steps'])} at {canary['weight']}%{state}",
+        title_justify="left",
+    )
+    for col in ("", "requests", "errors", "p50", "p99"):
+        table.add_column(col)
+    for side in ("canary", "stable"):
+        table.add_row(
+            side,
+            str(n.get(f"{side}_requests", 0)),
+            _pct(n.get(f"{side}_error_rate")),
+            _ms(n.get(f"{side}_p50")),
+            _ms(n.get(f"{side}_p99")),
+        )
+    return table
 
 
 def _poll(c: DaemonClient, release_id: int) -> dict[str, Any]:
@@ -128,17 +160,69 @@ def _finish(view: dict[str, Any], as_json: bool) -> None:
         err.print(f"[bold green]{view['release']} serves {view['env']}[/] at http://{listen}/")
 
 
+def _steps(raw: str | None) -> list[int] | None:
+    if raw is None:
+        return None
+    try:
+        steps = [int(part) for part in raw.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{raw!r} is not a list of percentages like 10,50,100", param_hint="--steps"
+        ) from None
+    if not steps or any(not 0 < n <= 100 for n in steps) or steps != sorted(steps):
+        raise click.BadParameter(
+            "steps must rise from above 0 up to at most 100", param_hint="--steps"
+        )
+    return steps
+
+
+def _interval(raw: str | None) -> float | None:
+    if raw is None:
+        return None
+    from kiln.config import parse_duration
+    from kiln.errors import ConfigError
+
+    try:
+        return parse_duration(raw, "--interval")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--interval") from None
+
+
 @click.command()
 @click.argument("image")
 @env_option
 @click.option(
-    "--strategy", type=click.Choice(["blue-green", "rolling"]), help="Default: from kiln.toml."
+    "--strategy",
+    type=click.Choice(["blue-green", "canary", "rolling"]),
+    help="Default: from kiln.toml.",
 )
+@click.option(
+    "--steps", help="Canary traffic steps in percent, e.g. 10,50,100 (default: kiln.toml)."
+)
+@click.option("--interval", help="Canary time per step, e.g. 30s (default: kiln.toml).")
 @json_option
-def release(image: str, env: str, strategy: str | None, as_json: bool) -> None:
-    """Release IMAGE into ENV as brand-new instances; waits until it serves."""
+def release(
+    image: str,
+    env: str,
+    strategy: str | None,
+    steps: str | None,
+    interval: str | None,
+    as_json: bool,
+) -> None:
+    """Release IMAGE into ENV as brand-new instances; waits until it serves.
+
+    A canary sends a growing share of traffic to the new release and compares it
+    with the stable one at every step; it aborts by itself when it is worse.
+    """
     c = client()
-    started = c.post("/releases", {"image": image, "env": env, "strategy": strategy})
+    body = {
+        "image": image,
+        "env": env,
+        "strategy": strategy,
+        "steps": _steps(steps),
+        "interval": _interval(interval),
+    }
+    started = c.post("/releases", body)
     view = follow_release(c, started["id"], as_json)
     _finish(view, as_json)
 
@@ -168,6 +252,38 @@ def rollback(env: str, to: str | None, as_json: bool) -> None:
     err.print(
         f"[bold green]{view['release']} serves {env} again[/] ({time.monotonic() - started:.2f}s)"
     )
+
+
+def _steer(env: str, command: str, as_json: bool) -> None:
+    view = client().post("/steer", {"env": env, "command": command})
+    if as_json:
+        emit_json(view)
+        return
+    err.print(f"{view['release']} in {env}: {command}d")
+
+
+@click.command()
+@env_option
+@json_option
+def promote(env: str, as_json: bool) -> None:
+    """Give the canary in ENV 100% of traffic now."""
+    _steer(env, "promote", as_json)
+
+
+@click.command()
+@env_option
+@json_option
+def pause(env: str, as_json: bool) -> None:
+    """Hold the canary in ENV at its current step."""
+    _steer(env, "pause", as_json)
+
+
+@click.command()
+@env_option
+@json_option
+def resume(env: str, as_json: bool) -> None:
+    """Let a paused canary in ENV go on (its current step is measured afresh)."""
+    _steer(env, "resume", as_json)
 
 
 @click.command()
@@ -256,6 +372,13 @@ def history(env: str, as_json: bool) -> None:
             note,
         )
     out.print(table)
+    for r in reversed(data["releases"]):
+        for d in r.get("trail", []):
+            style = {"pass": "green", "fail": "red"}.get(d["result"], "yellow")
+            out.print(
+                f"{r['release']} step {d['step']} at {d['weight']}%: "
+                f"[{style}]{d['result']}[/] {escape(d['reason'])}"
+            )
 
 
 @click.command()
@@ -316,4 +439,4 @@ def daemon_status(as_json: bool) -> None:
         raise SystemExit(1)
 
 
-COMMANDS = [release, rollback, abort, status, ps, history, events, daemon]
+COMMANDS = [release, rollback, promote, pause, resume, abort, status, ps, history, events, daemon]

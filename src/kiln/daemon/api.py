@@ -98,7 +98,14 @@ class Handler(BaseHTTPRequestHandler):
                 "version": kiln.__version__,
             }
         if (method, path) == ("POST", "/releases"):
-            release = engine.submit_release(body["image"], body["env"], body.get("strategy"), who)
+            release = engine.submit_release(
+                body["image"],
+                body["env"],
+                body.get("strategy"),
+                who,
+                steps=body.get("steps"),
+                interval=body.get("interval"),
+            )
             return engine.release_view(release)
         if method == "GET" and path.startswith("/releases/"):
             release = engine.state.release(int(path.rsplit("/", 1)[1]))
@@ -112,6 +119,8 @@ class Handler(BaseHTTPRequestHandler):
         if (method, path) == ("POST", "/rollback"):
             release = engine.rollback(body["env"], body.get("to"), who)
             return engine.release_view(release)
+        if (method, path) == ("POST", "/steer"):
+            return engine.release_view(engine.steer(body["env"], body["command"], who))
         if (method, path) == ("POST", "/abort"):
             return engine.release_view(engine.abort_env(body["env"], who))
         if (method, path) == ("GET", "/status"):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import strategies
+from kiln.canary import UNMEASURABLE, Counters, Thresholds, Verdict, analyze
 from kiln.errors import ReleaseError, RouterError, UsageError
 from kiln.faults import fault_point
 from kiln.home import Home
@@ -382,8 +383,10 @@ class Engine:
         )
 
     def _drive(self, release: Release, now: float) -> None:
-        planner = strategies.PLANNERS[release.strategy]
-        plan = planner(self._snapshot(release, now))
+        if release.strategy == "canary":
+            plan = strategies.canary(self._snapshot(release, now), self._canary_state(release, now))
+        else:
+            plan = strategies.PLANNERS[release.strategy](self._snapshot(release, now))
         for action in plan.actions:
             self.apply(release, action, now)
             if isinstance(action, strategies.Abort):
@@ -436,6 +439,201 @@ class Engine:
             self._mark(action, now)
         elif isinstance(action, strategies.Abort):
             self.abort(release, action.reason)
+        elif isinstance(action, strategies.Step):
+            self._canary_step(release, action, now)
+        elif isinstance(action, strategies.Judge):
+            self._judge(release, action.verdict, now)
+        elif isinstance(action, strategies.Extend):
+            progress = dict(self.state.release(release.id).progress)
+            progress.update(step_started=now, inconclusive=progress.get("inconclusive", 0) + 1)
+            self.state.update_release(release.id, progress=progress)
+        elif isinstance(action, strategies.Pause):
+            self.set_paused(release, True, action.reason)
+
+    # -- canary ------------------------------------------------------------
+    def _stable(self, release: Release) -> Release | None:
+        serving = [
+            r
+            for r in self.state.releases(env=release.env, states=("serving",))
+            if r.id != release.id
+        ]
+        return serving[-1] if serving else None
+
+    def _counters(self, release: Release) -> tuple[Counters, Counters] | None:
+        """Current router counters of (canary, stable), or None if unreadable."""
+        try:
+            stats = self.router.stats()
+        except RouterError:
+            return None
+        releases = stats.get("envs", {}).get(release.env, {}).get("releases", {})
+        stable = self._stable(release)
+        empty: dict[str, Any] = {}
+        canary = Counters.from_router(releases.get(release.name, empty))
+        base = (
+            Counters.from_router(releases.get(stable.name, empty)) if stable else Counters.empty()
+        )
+        return canary, base
+
+    def _canary_state(self, release: Release, now: float) -> strategies.CanaryState:
+        cfg = release.spec["canary"]
+        progress = release.progress
+        step = int(progress.get("step", -1))
+        verdict = None
+        due = step >= 0 and now - float(progress.get("step_started", 0)) >= cfg["interval"]
+        if due and not progress.get("paused"):
+            verdict = self._measure(release)
+        return strategies.CanaryState(
+            steps=tuple(cfg["steps"]),
+            interval=cfg["interval"],
+            step=step,
+            step_started=float(progress.get("step_started", 0)),
+            paused=bool(progress.get("paused")),
+            inconclusive=int(progress.get("inconclusive", 0)),
+            max_inconclusive=int(cfg["thresholds"]["max_inconclusive"]),
+            verdict=verdict,
+        )
+
+    def _window(self, release: Release) -> tuple[Counters | None, Counters | None] | None:
+        """The canary's requests this step and the stable's since the canary began."""
+        current = self._counters(release)
+        if current is None:
+            return None
+        progress = release.progress
+        canary_base = Counters.from_router(progress.get("baseline", {}))
+        stable_base = Counters.from_router(progress.get("stable_baseline", {}))
+        return current[0].minus(canary_base), current[1].minus(stable_base)
+
+    def _measure(self, release: Release) -> Verdict:
+        window = self._window(release)
+        thresholds = Thresholds(**release.spec["canary"]["thresholds"])
+        if window is None:
+            return Verdict(UNMEASURABLE, "the router's counters could not be read", {})
+        canary, stable = window
+        if canary is None or stable is None:
+            # The router restarted and its counters began again: measure afresh.
+            self._rebaseline(release, stable_too=True)
+            return Verdict(
+                UNMEASURABLE,
+                "the router's counters went back to zero (restart); measuring again",
+                {},
+            )
+        return analyze(canary, stable, thresholds)
+
+    def _rebaseline(self, release: Release, stable_too: bool) -> None:
+        current = self._counters(release)
+        progress = dict(self.state.release(release.id).progress)
+        if current is not None:
+            progress["baseline"] = current[0].to_json()
+            if stable_too:
+                progress["stable_baseline"] = current[1].to_json()
+        self.state.update_release(release.id, progress=progress)
+
+    def _canary_step(self, release: Release, step: strategies.Step, now: float) -> None:
+        stable = self._stable(release)
+        weights = [(release.id, step.weight)] + ([(stable.id, 100 - step.weight)] if stable else [])
+        self.apply(release, strategies.Weights(tuple(weights)), now)
+        progress = dict(self.state.release(release.id).progress)
+        progress.update(step=step.index, step_started=time.time(), inconclusive=0, paused=False)
+        self.state.update_release(release.id, progress=progress)
+        self._rebaseline(self.state.release(release.id), stable_too=step.index == 0)
+        steps = release.spec["canary"]["steps"]
+        self.state.event(
+            "canary.step",
+            f"canary {release.name} step {step.index + 1}/{len(steps)}: {step.weight}% of traffic",
+            env=release.env,
+            release=release.name,
+            image=release.image,
+            data={"step": step.index, "weight": step.weight},
+        )
+
+    def _judge(self, release: Release, verdict: Verdict, now: float) -> None:
+        current = self.state.release(release.id)
+        step = int(current.progress.get("step", -1))
+        steps = current.spec["canary"]["steps"]
+        entry = {
+            "at": now,
+            "step": step + 1,
+            "weight": steps[step] if 0 <= step < len(steps) else None,
+            "thresholds": current.spec["canary"]["thresholds"],
+            **verdict.to_json(),
+        }
+        self.state.update_release(release.id, trail=[*current.trail, entry])
+        self.state.event(
+            "canary.verdict",
+            f"canary {release.name} at {entry['weight']}%: {verdict.result}: {verdict.reason}",
+            env=release.env,
+            release=release.name,
+            image=release.image,
+            data=entry,
+        )
+
+    def set_paused(self, release: Release, paused: bool, why: str) -> None:
+        progress = dict(self.state.release(release.id).progress)
+        progress["paused"] = paused
+        if not paused:
+            progress.update(step_started=time.time(), inconclusive=0)
+        self.state.update_release(release.id, progress=progress)
+        kind = "canary.paused" if paused else "canary.resumed"
+        self.state.event(
+            kind, f"canary {release.name} {why}", env=release.env, release=release.name
+        )
+
+    def _canary_in(self, env: str) -> Release:
+        holder = self.state.lock_holder(env)
+        release = self.state.release(holder) if holder is not None else None
+        if release is None or release.strategy != "canary":
+            raise UsageError(f"no canary release is in progress in {env!r}")
+        return release
+
+    def steer(self, env: str, command: str, who: str) -> Release:
+        """promote / pause / resume the canary in progress in ``env``."""
+        with self.lock:
+            release = self._canary_in(env)
+            now = time.time()
+            if command == "pause":
+                self.set_paused(release, True, f"paused by {who}")
+            elif command == "resume":
+                self.set_paused(release, False, f"resumed by {who}")
+            elif command == "promote":
+                if self._pool(release).ready < 1:
+                    raise UsageError(f"{release.name} has no ready instance yet; wait, or abort it")
+                self.state.event(
+                    "canary.promoted",
+                    f"{release.name} promoted by {who}",
+                    env=env,
+                    release=release.name,
+                    who=who,
+                )
+                for action in strategies.promote(self._snapshot(release, now)).actions:
+                    self.apply(release, action, now)
+            else:
+                raise UsageError(f"unknown canary command {command!r}")
+            return self.state.release(release.id)
+
+    def canary_live(self, release: Release) -> dict[str, Any] | None:
+        """What the CLI shows while a canary runs: this step's numbers so far."""
+        if release.strategy != "canary" or release.progress.get("step", -1) < 0:
+            return None
+        window = self._window(release)
+        numbers: dict[str, Any] = {}
+        if window is not None and window[0] is not None and window[1] is not None:
+            thresholds = Thresholds(**{**release.spec["canary"]["thresholds"], "min_requests": 1})
+            numbers = dict(analyze(window[0], window[1], thresholds).numbers)
+            numbers["stable_requests"] = window[1].total
+            numbers["stable_error_rate"] = (
+                round(window[1].errors(thresholds.count_4xx) / window[1].total, 4)
+                if window[1].total
+                else None
+            )
+        steps = release.spec["canary"]["steps"]
+        step = int(release.progress["step"])
+        return {
+            "step": step + 1,
+            "steps": steps,
+            "weight": steps[step],
+            "paused": bool(release.progress.get("paused")),
+            "numbers": numbers,
+        }
 
     def _mark(self, action: strategies.Mark, now: float) -> None:
         target = self.state.release(action.release_id)
@@ -545,9 +743,17 @@ class Engine:
             if release.state in ("serving", "starting", "switching"):
                 env["listen"] = release.spec["listen"]
             if ready:
-                env["pools"].append(
-                    {"release": release.name, "weight": release.weight, "instances": ready}
-                )
+                pool: dict[str, Any] = {
+                    "release": release.name,
+                    "weight": release.weight,
+                    "instances": ready,
+                }
+                # Testers pin themselves with X-Kiln-Release: canary (or preview, or stable).
+                if release.state == "serving":
+                    pool["aliases"] = ["stable"]
+                elif release.state in ACTIVE_RELEASE:
+                    pool["aliases"] = ["canary" if release.strategy == "canary" else "preview"]
+                env["pools"].append(pool)
         return envs
 
     def push_router(self, force: bool = False) -> None:
@@ -573,11 +779,21 @@ class Engine:
                 self.state.update_instance(inst.id, drain_since=time.time())
 
     # -- API operations ----------------------------------------------------
-    def submit_release(self, image: str, env: str, strategy: str | None, who: str) -> Release:
+    def submit_release(
+        self,
+        image: str,
+        env: str,
+        strategy: str | None,
+        who: str,
+        steps: list[int] | None = None,
+        interval: float | None = None,
+    ) -> Release:
         self.runtime.check()
         record = self.store.resolve(image)
         rootfs = ensure_rootfs(self.store, self.home.rootfs, record.digest)
-        spec = build_spec(self.store, record, rootfs, env, self.home.root, strategy)
+        spec = build_spec(
+            self.store, record, rootfs, env, self.home.root, strategy, steps, interval
+        )
         with self.lock:
             current = self.router_config().get(env)
             if (current is None or current["listen"] != spec["listen"]) and not listen_free(
@@ -633,7 +849,7 @@ class Engine:
                     image=target.image,
                     who=who,
                 )
-                plan = strategies.switch_back(self._snapshot(target, now))
+                plan = strategies.promote(self._snapshot(target, now))
                 for action in plan.actions:
                     self.apply(target, action, now)
                 self.state.event(
@@ -736,6 +952,7 @@ class Engine:
     # -- views -------------------------------------------------------------
     def release_view(self, release: Release) -> dict[str, Any]:
         out = release.to_json()
+        out["canary"] = self.canary_live(release) if release.state in ACTIVE_RELEASE else None
         out["instances"] = [i.to_json() for i in self.state.instances(release_id=release.id)]
         for inst in out["instances"]:
             if inst["state"] == "failed":
