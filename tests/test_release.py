@@ -228,14 +228,15 @@ def test_two_releases_at_once_the_second_is_refused(tmp_path: Path) -> None:
         text=True,
     )
     try:
+        # Wait until the first release holds the environment, then try a second.
         deadline = time.monotonic() + 20
-        second = None
         while time.monotonic() < deadline:
-            second = run_kiln("release", slow, "--env", "staging")
-            if "busy" in second.err:
+            history = run_kiln("history", "--env", "staging", "--json")
+            if history.code == 0 and history.json()["releases"]:
                 break
-            time.sleep(0.2)
-        assert second is not None and second.code == 2
+            time.sleep(0.1)
+        second = run_kiln("release", slow, "--env", "staging")
+        assert second.code == 2, second.err
         assert "environment 'staging' is busy: release r1 by" in second.err
     finally:
         _, errs = first.communicate(timeout=60)

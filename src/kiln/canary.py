@@ -133,13 +133,15 @@ def analyze(canary: Counters | None, stable: Counters | None, t: Thresholds) -> 
             f"error rate {c_err:.1%} vs stable {s_err:.1%} (allowed +{t.max_error_increase:.1%})",
             numbers,
         )
-    for q, label in ((0.5, "p50"), (0.99, "p99")):
+    latencies: dict[str, tuple[float | None, float | None]] = {}
+    for q, label in ((0.99, "p99"), (0.5, "p50")):
         c_lat = canary.quantile(q)
+        s_lat = reference.quantile(q) if reference else None
+        latencies[label] = (c_lat, s_lat)
         numbers[f"canary_{label}"] = None if c_lat is None else round(c_lat, 4)
-        if reference is None:
-            continue
-        s_lat = reference.quantile(q)
-        numbers[f"stable_{label}"] = None if s_lat is None else round(s_lat, 4)
+        if reference:
+            numbers[f"stable_{label}"] = None if s_lat is None else round(s_lat, 4)
+    for label, (c_lat, s_lat) in latencies.items():
         if c_lat is None or s_lat is None:
             continue
         if c_lat > s_lat * t.max_latency_ratio and c_lat - s_lat > t.latency_floor:

@@ -172,8 +172,6 @@ def rolling(s: Snapshot) -> Plan:
     actions: list[Action] = []
     # Surge: how many new instances may run beyond the wanted count.
     room = t.replicas + s.max_surge - (t.ready + t.starting + old_ready)
-    if s.max_surge == 0 and t.ready + t.starting == 0 and old_ready > 0:
-        room = 0  # with no surge, capacity must first be freed below
     start = _start_missing(t, max(room, 0))
     if start:
         actions.append(start)
