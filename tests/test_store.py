@@ -91,3 +91,28 @@ def test_scratch_of_dead_process_is_swept(store: ImageStore) -> None:
     (leftover / "blob.partial").write_bytes(b"x")
     store.init()
     assert not leftover.exists()
+
+
+def test_state_database_from_an_older_kiln_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    from kiln.state import State
+
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute(
+        "CREATE TABLE releases (id INTEGER PRIMARY KEY, env TEXT NOT NULL, number INTEGER NOT NULL,"
+        " app TEXT NOT NULL, image TEXT NOT NULL, strategy TEXT NOT NULL, state TEXT NOT NULL,"
+        " weight INTEGER NOT NULL DEFAULT 0, replicas INTEGER NOT NULL, spec TEXT NOT NULL,"
+        " created REAL NOT NULL, updated REAL NOT NULL, finished REAL, serving_since REAL,"
+        " warm_until REAL, reason TEXT, rollback_of INTEGER, actor TEXT NOT NULL, UNIQUE (env, number))"
+    )
+    db.execute(
+        "INSERT INTO releases (env, number, app, image, strategy, state, replicas, spec, created,"
+        " updated, actor) VALUES ('prod', 1, 'a', 'sha256:x', 'blue-green', 'serving', 1, '{}', 0, 0, 'me')"
+    )
+    db.commit()
+    db.close()
+    state = State(tmp_path / "state.db")
+    (release,) = state.releases()
+    assert release.progress == {} and release.trail == []
+    state.close()

@@ -86,6 +86,11 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_time ON events (ts);
 """
 
+_ADDED_COLUMNS = {
+    "progress": "TEXT NOT NULL DEFAULT '{}'",
+    "trail": "TEXT NOT NULL DEFAULT '[]'",
+}
+
 # A release moves along: starting → serving → warm → retired, or ends aborted.
 ACTIVE_RELEASE = ("starting", "switching")
 LIVE_RELEASE = ("starting", "switching", "serving", "warm")
@@ -208,6 +213,14 @@ class State:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Add columns that later versions introduced to a database made earlier."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(releases)")}
+        for column, ddl in _ADDED_COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE releases ADD COLUMN {column} {ddl}")
 
     def close(self) -> None:
         with self._lock:
