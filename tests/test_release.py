@@ -142,6 +142,16 @@ def test_instances_are_sealed(tmp_path: Path) -> None:
     for var in ("PORT", "KILN_APP", "KILN_ENV", "KILN_RELEASE", "KILN_IMAGE", "KILN_INSTANCE"):
         assert var in seal["env"]
     assert "KILN_HOME" not in seal["env"]  # nothing from the host leaks in
+    # Unprivileged on the host as well, with no capabilities at all.
+    for inst in run_kiln("ps", "--json").json()["instances"]:
+        app_pids = [c for init in procs.children(inst["pid"]) for c in procs.children(init)]
+        assert app_pids
+        for pid in app_pids:
+            status = dict(
+                line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            )
+            assert status["Uid"].split()[0] != "0"
+            assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
 
 
 def test_crashing_release_aborts_and_the_old_one_keeps_serving(tmp_path: Path) -> None:

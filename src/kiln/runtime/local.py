@@ -2,7 +2,8 @@
 
 The image's unpacked rootfs is bound read-only as ``/``; ``/tmp`` is a fresh
 tmpfs; the instance has its own PID, IPC and UTS namespaces and runs as the
-image's unprivileged user; its environment is exactly what kiln passes. It
+image's unprivileged user with no capabilities (on the host too, also when
+kiln itself runs as root); its environment is exactly what kiln passes. It
 shares the host's network, listening on loopback at the port kiln gives it.
 
 Instances are started in a session of their own and are not tied to the
@@ -22,6 +23,10 @@ from pathlib import Path
 from kiln import procs
 from kiln.errors import MissingTool, RuntimeFailure
 from kiln.runtime.base import InstanceHandle, InstanceSpec, Runtime
+
+
+# util-linux is essential in Debian, so every Debian-based image has it.
+SETPRIV = "/usr/bin/setpriv"
 
 
 def _bwrap() -> str:
@@ -46,9 +51,8 @@ class LocalRuntime(Runtime):
             "--ro-bind", str(spec.rootfs), "/",
             "--proc", "/proc",
             "--dev", "/dev",
-            "--tmpfs", "/tmp",
+            "--perms", "1777", "--tmpfs", "/tmp",
             "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-            "--unshare-user", "--uid", str(spec.uid), "--gid", str(spec.gid),
             "--hostname", spec.id,
             "--chdir", spec.workdir,
             "--clearenv",
@@ -57,7 +61,23 @@ class LocalRuntime(Runtime):
             args += ["--bind", str(host), path]
         for key, value in sorted(spec.env.items()):
             args += ["--setenv", key, value]
-        return [*args, "--", *spec.command]
+        if os.geteuid() != 0:
+            # Unprivileged kiln: a user namespace maps the app's uid onto ours.
+            args += ["--unshare-user", "--uid", str(spec.uid), "--gid", str(spec.gid)]
+            return [*args, "--", *spec.command]
+        # kiln as root: no user namespace (its uid 1000 would be host root);
+        # the image's own setpriv drops to the app's uid with no capabilities,
+        # so the app is unprivileged on the host too.
+        drop = [
+            SETPRIV,
+            f"--reuid={spec.uid}",
+            f"--regid={spec.gid}",
+            "--clear-groups",
+            "--no-new-privs",
+            "--bounding-set=-all",
+            "--inh-caps=-all",
+        ]
+        return [*args, "--", *drop, *spec.command]
 
     def start(self, spec: InstanceSpec) -> InstanceHandle:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
