@@ -31,7 +31,13 @@ def test_good_config_has_defaults(tmp_path: Path) -> None:
     assert cfg.app.name == "svc"
     assert cfg.build.python == "3.11"
     assert cfg.health.path == "/"
-    assert cfg.envs["production"].require_tests is True  # production demands tests by default
+    # production demands every suite by default
+    assert cfg.envs["production"].require_tests == (
+        "service",
+        "integration",
+        "security",
+        "compliance",
+    )
     assert cfg.envs["production"].vars == {"GREETING": "Olá"}
     assert cfg.release.canary.steps == (10, 50, 100)
 

@@ -83,10 +83,47 @@ class ServiceCheck:
 
 
 @dataclass(frozen=True)
+class SecurityPolicy:
+    allow: tuple[str, ...] = ()  # path globs where secret-looking content is expected
+    advisories: str | None = None  # an offline OSV database: a JSON file or a folder of them
+
+
+DEFAULT_LABELS = (
+    "org.opencontainers.image.created",
+    "org.opencontainers.image.title",
+    "org.opencontainers.image.base.name",
+    "org.opencontainers.image.base.digest",
+)
+# Licenses a typical company lets its services ship without review.
+DEFAULT_LICENSES = (
+    "MIT",
+    "BSD",
+    "Apache-2.0",
+    "ISC",
+    "PSF",
+    "MPL-2.0",
+    "LGPL",
+    "Unlicense",
+    "0BSD",
+    "Python",
+)
+
+
+@dataclass(frozen=True)
+class CompliancePolicy:
+    required_labels: tuple[str, ...] = DEFAULT_LABELS
+    allowed_bases: tuple[str, ...] = tuple(BASES)
+    allowed_licenses: tuple[str, ...] = DEFAULT_LICENSES
+    max_size: int | None = None  # bytes, compressed layers
+
+
+@dataclass(frozen=True)
 class TestSection:
     service: tuple[ServiceCheck, ...] = ()
     integration: str | None = None
-    raw: Mapping[str, Any] = field(default_factory=dict)
+    shutdown_grace: float = 10.0
+    security: SecurityPolicy = field(default_factory=SecurityPolicy)
+    compliance: CompliancePolicy = field(default_factory=CompliancePolicy)
 
 
 @dataclass(frozen=True)
@@ -111,7 +148,7 @@ class EnvSection:
     name: str
     listen: str
     replicas: int | None = None
-    require_tests: bool = False
+    require_tests: tuple[str, ...] = ()  # suites a release needs a passing attestation for
     vars: Mapping[str, str] = field(default_factory=dict)
     secrets_file: str | None = None
     keep_previous: float | None = None
@@ -289,7 +326,55 @@ def _parse_check(raw: object, where: str, file: Path) -> ServiceCheck:
     )
 
 
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)$", re.I)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
+
+
+def parse_size(value: object, where: str) -> int:
+    """``"200MB"``, ``"1.5GiB"`` or a number of bytes → bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value.strip())
+        if m:
+            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    raise ConfigError(f"{where} must be a size like '200MB' or '1GiB', not {value!r}")
+
+
+def _parse_security(t: _Table) -> SecurityPolicy:
+    t.only("allow", "advisories")
+    return SecurityPolicy(allow=t.strings("allow", ()), advisories=t.optional("advisories", str))
+
+
+def _parse_compliance(t: _Table) -> CompliancePolicy:
+    t.only("required_labels", "allowed_bases", "allowed_licenses", "max_size")
+    bases = t.strings("allowed_bases", tuple(BASES))
+    unknown = [b for b in bases if b not in BASES]
+    if unknown:
+        raise t.fail(
+            "allowed_bases", f"names an unknown base {unknown[0]!r} (known: {', '.join(BASES)})"
+        )
+    max_size = None
+    if "max_size" in t.data:
+        max_size = parse_size(t.data["max_size"], f"{t.file}: {t.key('max_size')}")
+    return CompliancePolicy(
+        required_labels=t.strings("required_labels", DEFAULT_LABELS),
+        allowed_bases=bases,
+        allowed_licenses=t.strings("allowed_licenses", DEFAULT_LICENSES),
+        max_size=max_size,
+    )
+
+
 def _parse_test(t: _Table) -> TestSection:
+    t.only("service", "integration", "shutdown_grace", "security", "compliance")
     raw_checks = t.get("service", list, [])
     checks = tuple(
         _parse_check(c, f"{t.key('service')}[{i}]", t.file) for i, c in enumerate(raw_checks)
@@ -297,7 +382,9 @@ def _parse_test(t: _Table) -> TestSection:
     return TestSection(
         service=checks,
         integration=t.optional("integration", str),
-        raw=dict(t.data),
+        shutdown_grace=t.duration("shutdown_grace", 10.0),
+        security=_parse_security(t.sub("security")),
+        compliance=_parse_compliance(t.sub("compliance")),
     )
 
 
@@ -365,6 +452,21 @@ def _parse_listen(t: _Table) -> str:
     return listen
 
 
+SUITES = ("service", "integration", "security", "compliance")
+
+
+def _parse_required_suites(t: _Table, env: str) -> tuple[str, ...]:
+    """``require_tests = true`` means every suite; a list names some."""
+    raw = t.data.get("require_tests", env == "production")
+    if isinstance(raw, bool):
+        return SUITES if raw else ()
+    if isinstance(raw, list) and all(isinstance(s, str) and s in SUITES for s in raw):
+        return tuple(raw)
+    raise t.fail(
+        "require_tests", f"must be true, false or a list of suites from {', '.join(SUITES)}"
+    )
+
+
 def _parse_env(name: str, t: _Table) -> EnvSection:
     if not ENV_NAME_RE.match(name):
         raise ConfigError(
@@ -389,7 +491,7 @@ def _parse_env(name: str, t: _Table) -> EnvSection:
         name=name,
         listen=_parse_listen(t),
         replicas=replicas,
-        require_tests=t.get("require_tests", bool, name == "production"),
+        require_tests=_parse_required_suites(t, name),
         vars={k: str(v) for k, v in env_vars.items()},
         secrets_file=t.optional("secrets_file", str),
         keep_previous=None if keep < 0 else keep,

@@ -21,7 +21,6 @@ from kiln.store import ImageRecord, ImageStore
 from kiln.tarball import Member, list_layer
 
 LAYER_NAMES = ("base", "dependencies", "app")
-TEST_RESULT = "application/vnd.kiln.test-result+json"
 
 
 def image_size(store: ImageStore, digest: str) -> int:
@@ -46,10 +45,30 @@ def sbom(store: ImageStore, digest: str) -> dict[str, Any] | None:
 
 
 def test_attestations(store: ImageStore, digest: str) -> list[dict[str, Any]]:
-    return [_artifact_payload(store, d) for d in store.referrers(digest, TEST_RESULT)]
+    return [_artifact_payload(store, d) for d in store.referrers(digest, oci.TEST_RESULT)]
 
 
-def _python_packages(bom: dict[str, Any] | None) -> dict[str, str]:
+def latest_tests(store: ImageStore, digest: str) -> list[dict[str, Any]]:
+    """Each suite's most recent recorded result: suite, result, when, kiln version."""
+    latest: dict[str, dict[str, Any]] = {}
+    for doc in test_attestations(store, digest):
+        for name, suite in doc.get("suites", {}).items():
+            entry = {
+                "suite": name,
+                "result": suite.get("result"),
+                "when": doc.get("when"),
+                "kiln_version": doc.get("kiln_version"),
+                "checks": len(suite.get("checks", [])),
+            }
+            if name not in latest or entry["when"] >= latest[name]["when"]:
+                latest[name] = entry
+    order = ("service", "integration", "security", "compliance")
+    return sorted(
+        latest.values(), key=lambda e: order.index(e["suite"]) if e["suite"] in order else 9
+    )
+
+
+def python_packages(bom: dict[str, Any] | None) -> dict[str, str]:
     if not bom:
         return {}
     return {
@@ -144,13 +163,13 @@ def describe(store: ImageStore, record: ImageRecord) -> dict[str, Any]:
         },
         "sbom": {
             "format": "CycloneDX 1.5" if bom else None,
-            "python_packages": _python_packages(bom),
+            "python_packages": python_packages(bom),
             "debian_packages": len(_debian_packages(bom)),
         },
         "attestations": [
             {"type": d.artifact_type, "digest": d.digest} for d in store.referrers(digest)
         ],
-        "tests": test_attestations(store, digest),
+        "tests": latest_tests(store, digest),
         "annotations": ann,
         "provenance": last,
     }
@@ -204,7 +223,7 @@ def diff(store: ImageStore, a: ImageRecord, b: ImageRecord) -> dict[str, Any]:
         "shared_layers": len(layers_a & layers_b),
         "files": {k: sorted(v) for k, v in file_changes.items()},
         "file_details": file_changes,
-        "python_packages": _changes(_python_packages(bom_a), _python_packages(bom_b)),
+        "python_packages": _changes(python_packages(bom_a), python_packages(bom_b)),
         "debian_packages": _changes(_debian_packages(bom_a), _debian_packages(bom_b)),
         "config": _changes(settings_a, settings_b),
         "annotations": _changes(ann_a, ann_b),

@@ -16,6 +16,7 @@ EMPTY_JSON = b"{}"
 
 IN_TOTO = "application/vnd.in-toto+json"
 CYCLONEDX = "application/vnd.cyclonedx+json"
+TEST_RESULT = "application/vnd.kiln.test-result+json"
 
 REF_NAME = "org.opencontainers.image.ref.name"
 

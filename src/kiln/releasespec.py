@@ -95,7 +95,7 @@ def build_spec(
         "health_path": annotations.get("dev.kiln.health.path", config.health.path),
         "health_timeout": float(annotations.get("dev.kiln.health.timeout", config.health.timeout)),
         "health_interval": config.health.interval,
-        "require_tests": section.require_tests,
+        "require_tests": list(section.require_tests),
         "command_json": json.loads(annotations.get("dev.kiln.command", "[]")),
         "sticky": section.sticky,
         "canary": {

@@ -94,6 +94,7 @@ def bake(directory: Path, reason: str | None, tags: tuple[str, ...], as_json: bo
 
     with steps(not as_json) as step:
         result = do_bake(directory, _home(), reason=reason, tags=tags, progress=step)
+    _record_bake(result)
     if as_json:
         emit_json(result.to_json())
         return
@@ -114,6 +115,22 @@ def bake(directory: Path, reason: str | None, tags: tuple[str, ...], as_json: bo
         f"{human_size(result.size)}, tags: {', '.join(result.tags)}"
     )
     out.print(result.digest)
+
+
+def _record_bake(result: Any) -> None:
+    """Bakes run without the daemon; they join the audit trail directly."""
+    from kiln.state import State
+
+    state = State(_home().state_db)
+    try:
+        state.event(
+            "bake",
+            f"baked {result.app} {short(result.digest)} ({'cached' if result.already_stored else 'new'})",
+            image=result.digest,
+            data={"tags": list(result.tags), "seconds": round(result.seconds, 3)},
+        )
+    finally:
+        state.close()
 
 
 @cli.command()
@@ -214,9 +231,12 @@ def _print_inspect(info: dict[str, Any]) -> None:
     tests = info["tests"]
     row(
         "tests",
-        ", ".join(f"{t.get('suite')}: {t.get('result')}" for t in tests)
+        ", ".join(
+            f"{t['suite']} {t['result']} ({t['when'][:19]}, kiln {t['kiln_version']})"
+            for t in tests
+        )
         if tests
-        else "none recorded yet",
+        else "none recorded yet: run kiln test",
     )
     row(
         "attestations", ", ".join(f"{a['type']} {short(a['digest'])}" for a in info["attestations"])
@@ -292,14 +312,15 @@ def export(image: str, output: Path, as_json: bool) -> None:
     err.print(f"wrote {output} ({human_size(size)}); load it with: podman load -i {output}")
 
 
-def _register_release_commands() -> None:
+def _register_commands() -> None:
+    from kiln.cli.acceptance import test
     from kiln.cli.releases import COMMANDS
 
-    for command in COMMANDS:
+    for command in [test, *COMMANDS]:
         cli.add_command(command)
 
 
-_register_release_commands()
+_register_commands()
 
 
 # -- entry point -----------------------------------------------------------
@@ -313,6 +334,16 @@ def _debug_log(exc: BaseException) -> Path | None:
         return home.debug_log
     except OSError:
         return None
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC however it surfaces: as an OSError, or as SQLite's own words."""
+    import errno
+    import sqlite3
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
 
 
 def main() -> None:
@@ -334,6 +365,14 @@ def main() -> None:
         err.print("[red]interrupted[/]")
         sys.exit(130)
     except Exception as exc:
+        if _disk_full(exc):
+            _debug_log(exc)
+            home = Home.from_env().root
+            err.print(
+                f"[bold red]error:[/] no space left on device under {escape(str(home))} or the build cache "
+                "(free some space and run it again; nothing half-written was published)"
+            )
+            sys.exit(1)
         where = _debug_log(exc)
         detail = f" (traceback in {where}; please report it)" if where else ""
         err.print(f"[bold red]internal error:[/] {escape(f'{type(exc).__name__}: {exc}')}{detail}")

@@ -50,8 +50,13 @@ class Runtime(ABC):
     def alive(self, handle: InstanceHandle) -> bool: ...
 
     @abstractmethod
-    def stop(self, handle: InstanceHandle, grace: float) -> None:
-        """Ask the app to exit (SIGTERM), wait up to ``grace`` seconds, then kill it."""
+    def stop(self, handle: InstanceHandle, grace: float) -> bool:
+        """Ask the app to exit (SIGTERM), wait up to ``grace`` seconds, then kill it.
+        True when the app exited by itself within the grace period."""
+
+    @abstractmethod
+    def app_pids(self, handle: InstanceHandle) -> list[int]:
+        """Host pids of the app's top processes, to inspect them."""
 
     @abstractmethod
     def find(self, marker: Path) -> list[InstanceHandle]:
