@@ -12,7 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from kiln.cli.logs import logs
 from kiln.cli.output import emit_json, err, out, short
+from kiln.cli.times import to_time
 from kiln.daemon.client import DaemonClient
 from kiln.errors import DaemonError, ReleaseError
 from kiln.home import Home
@@ -200,6 +202,9 @@ def _interval(raw: str | None) -> float | None:
     "--steps", help="Canary traffic steps in percent, e.g. 10,50,100 (default: kiln.toml)."
 )
 @click.option("--interval", help="Canary time per step, e.g. 30s (default: kiln.toml).")
+@click.option(
+    "--force", is_flag=True, help="Release even without the passing tests ENV requires (audited)."
+)
 @json_option
 def release(
     image: str,
@@ -207,6 +212,7 @@ def release(
     strategy: str | None,
     steps: str | None,
     interval: str | None,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Release IMAGE into ENV as brand-new instances; waits until it serves.
@@ -221,6 +227,7 @@ def release(
         "strategy": strategy,
         "steps": _steps(steps),
         "interval": _interval(interval),
+        "force": force,
     }
     started = c.post("/releases", body)
     view = follow_release(c, started["id"], as_json)
@@ -383,7 +390,12 @@ def history(env: str, as_json: bool) -> None:
 
 @click.command()
 @click.option("--env", "env", help="Only this environment.")
-@click.option("--since", type=float, help="Only events after this UNIX time.")
+@click.option(
+    "--since",
+    metavar="TIME",
+    callback=to_time,
+    help="Only events since: 10m or 2h ago, an ISO or UNIX time.",
+)
 @json_option
 def events(env: str | None, since: float | None, as_json: bool) -> None:
     """The audit trail: who did what, when, to which image."""
@@ -439,4 +451,17 @@ def daemon_status(as_json: bool) -> None:
         raise SystemExit(1)
 
 
-COMMANDS = [release, rollback, promote, pause, resume, abort, status, ps, history, events, daemon]
+COMMANDS = [
+    release,
+    rollback,
+    promote,
+    pause,
+    resume,
+    abort,
+    status,
+    ps,
+    history,
+    events,
+    logs,
+    daemon,
+]

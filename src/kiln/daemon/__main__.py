@@ -15,7 +15,12 @@ import threading
 
 from kiln.daemon.api import Handler, Server
 from kiln.daemon.engine import Engine
+from kiln.daemon.metrics import MetricsServer, render_daemon, serve_tcp
+from kiln.errors import KilnError
 from kiln.home import Home
+from kiln.logs import retention_from_env
+from kiln.logs.catalog import StateCatalog
+from kiln.logs.collector import Collector
 from kiln.runtime import get_runtime
 
 
@@ -40,6 +45,25 @@ def main() -> int:
     server = Server(str(sock), Handler)
     server.engine = engine
     server.stop_event = stop
+    max_age, max_bytes = retention_from_env()
+    collector = Collector(
+        home.logs / "instances",
+        home.logs / "logs.db",
+        StateCatalog(engine.state),
+        max_age=max_age,
+        max_bytes=max_bytes,
+    )
+    server.logs = collector
+    collector.start()
+    metrics: MetricsServer | None = None
+    if os.environ.get("KILN_METRICS_LISTEN"):
+        try:
+            metrics = serve_tcp(
+                os.environ["KILN_METRICS_LISTEN"], lambda: render_daemon(engine, collector)
+            )
+        except KilnError as exc:
+            logging.getLogger("kiln.daemon").error("%s", exc)
+            engine.state.event("daemon.warning", str(exc))
     engine.recover()
     loop = threading.Thread(target=engine.run, args=(stop,), name="kiln-engine", daemon=True)
     loop.start()
@@ -59,6 +83,9 @@ def main() -> int:
         loop.join(timeout=10)
         if server.stop_all:
             engine.stop_all()
+        if metrics is not None:
+            metrics.shutdown()
+        collector.stop()
         sock.unlink(missing_ok=True)
         engine.state.event("daemon.exited", "daemon exited")
     return 0

@@ -2,6 +2,8 @@
 
 JSON in, JSON out. Errors come back as ``{"error", "hint", "kind",
 "exit_code"}`` so the CLI can raise the same KilnError the daemon met.
+``GET /logs`` answers a batch of log lines and a cursor (see
+:mod:`kiln.logs.query`); ``GET /metrics`` answers Prometheus text.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import kiln
 from kiln.daemon.engine import Engine
+from kiln.daemon.metrics import render_daemon
 from kiln.errors import KilnError, ReleaseLocked
+from kiln.logs.collector import Collector
+from kiln.logs.query import LogQuery, wait_param
+from kiln.prometheus import CONTENT_TYPE
 
 log = logging.getLogger("kiln.daemon")
 
@@ -28,6 +34,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     engine: Engine
     stop_event: threading.Event
     stop_all: bool = False
+    logs: Collector | None = None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -82,7 +89,23 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, result)
 
     def do_GET(self) -> None:
+        if urlsplit(self.path).path == "/metrics":
+            self._metrics()
+            return
         self._dispatch("GET")
+
+    def _metrics(self) -> None:
+        try:
+            data = render_daemon(self.server.engine, self.server.logs).encode()
+        except Exception as exc:
+            log.exception("metrics scrape failed")
+            self._send(500, {"error": f"{type(exc).__name__}: {exc}", "kind": "KilnError"})
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def do_POST(self) -> None:
         self._dispatch("POST")
@@ -105,6 +128,7 @@ class Handler(BaseHTTPRequestHandler):
                 who,
                 steps=body.get("steps"),
                 interval=body.get("interval"),
+                force=bool(body.get("force")),
             )
             return engine.release_view(release)
         if method == "GET" and path.startswith("/releases/"):
@@ -142,6 +166,10 @@ class Handler(BaseHTTPRequestHandler):
                     env=q.get("env"), since=since, after_id=int(q.get("after", 0))
                 )
             }
+        if (method, path) == ("GET", "/logs"):
+            if self.server.logs is None:
+                raise KilnError("this daemon collects no logs")
+            return self.server.logs.read(LogQuery.from_params(q), wait_param(q)).to_json()
         if (method, path) == ("POST", "/shutdown"):
             self.server.stop_all = bool(body.get("all"))
             # Answer first, then stop: the caller waits for the socket to go away.

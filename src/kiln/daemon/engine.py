@@ -29,12 +29,14 @@ from kiln.canary import UNMEASURABLE, Counters, Thresholds, Verdict, analyze
 from kiln.errors import ReleaseError, RouterError, UsageError
 from kiln.faults import fault_point
 from kiln.home import Home
+from kiln.logs.files import tail_lines
 from kiln.releasespec import build_spec, free_port, listen_free, read_secrets
 from kiln.rootfs import ensure_rootfs
 from kiln.router.client import RouterClient, spawn_router
 from kiln.runtime import InstanceHandle, InstanceSpec, Runtime
 from kiln.state import ACTIVE_RELEASE, LIVE_INSTANCE, Instance, Release, State
 from kiln.store import ImageStore
+from kiln.testing.runner import passed_suites
 
 log = logging.getLogger("kiln.daemon")
 
@@ -342,14 +344,7 @@ class Engine:
         return self.home.logs / "instances" / f"{instance_id}.log"
 
     def log_tail(self, instance_id: str, lines: int = 12) -> list[str]:
-        try:
-            with open(self.instance_log(instance_id), "rb") as fh:
-                fh.seek(0, 2)
-                fh.seek(max(fh.tell() - 16384, 0))
-                text = fh.read().decode("utf-8", "replace")
-        except OSError:
-            return []
-        return text.splitlines()[-lines:]
+        return tail_lines(self.instance_log(instance_id), lines)
 
     # -- releases ----------------------------------------------------------
     def _pool(self, release: Release) -> strategies.Pool:
@@ -392,14 +387,26 @@ class Engine:
             if isinstance(action, strategies.Abort):
                 return
         if plan.done:
+            seconds = round(time.time() - release.created, 3)
             self.state.event(
                 "release.done",
                 f"{release.name} is serving 100% of {release.env}",
                 env=release.env,
                 release=release.name,
                 image=release.image,
-                data={"seconds": round(time.time() - release.created, 3)},
+                data={"seconds": seconds},
             )
+            if release.rollback_of is not None:
+                back_to = self.state.release(release.rollback_of).name
+                self.state.event(
+                    "rollback.done",
+                    f"{release.name} serves {release.env} again with {back_to}'s image "
+                    "on new instances",
+                    env=release.env,
+                    release=release.name,
+                    image=release.image,
+                    data={"seconds": seconds, "kind": "rebuilt"},
+                )
 
     def apply(self, release: Release, action: strategies.Action, now: float) -> None:
         if isinstance(action, strategies.Start):
@@ -694,15 +701,30 @@ class Engine:
             backoff = self.backoff.get(release.id)
             if backoff and now < backoff.not_before:
                 continue
+            why = self._replacement_reason(release)
             for _ in range(missing):
                 inst = self.start_instance(release)
                 self.state.event(
                     "instance.replacement",
-                    f"started {inst.id} to keep {release.name} at {release.replicas} instances",
+                    f"started {inst.id} to keep {release.name} at {release.replicas} "
+                    f"instances ({why})",
                     env=release.env,
                     release=release.name,
                     instance=inst.id,
+                    data={"reason": why},
                 )
+
+    def _replacement_reason(self, release: Release) -> str:
+        """Why a release is short of instances: the one that left it last, and how."""
+        gone = [
+            i
+            for i in self.state.instances(release_id=release.id, states=("failed", "stopped"))
+            if i.stopped_at is not None
+        ]
+        if not gone:
+            return "below its replica count"
+        last = max(gone, key=lambda i: i.stopped_at or 0.0)
+        return f"{last.id} {last.exit_reason or last.state}"
 
     def _retire(self, now: float) -> None:
         for release in self.state.releases(states=("warm",)):
@@ -787,6 +809,7 @@ class Engine:
         who: str,
         steps: list[int] | None = None,
         interval: float | None = None,
+        force: bool = False,
     ) -> Release:
         self.runtime.check()
         record = self.store.resolve(image)
@@ -794,6 +817,13 @@ class Engine:
         spec = build_spec(
             self.store, record, rootfs, env, self.home.root, strategy, steps, interval
         )
+        missing = self._untested(record.digest, spec["require_tests"])
+        if missing and not force:
+            raise UsageError(
+                f"{env!r} only takes images that passed their tests; {record.short} lacks a passing "
+                f"attestation for: {', '.join(missing)}",
+                hint=f"run 'kiln test {record.short}', or release with --force (it is recorded)",
+            )
         with self.lock:
             current = self.router_config().get(env)
             if (current is None or current["listen"] != spec["listen"]) and not listen_free(
@@ -820,12 +850,33 @@ class Engine:
                 image=record.digest,
                 who=who,
             )
+            if missing:
+                self.state.event(
+                    "release.forced",
+                    f"{release.name} forced into {env} by {who} without passing: {', '.join(missing)}",
+                    env=env,
+                    release=release.name,
+                    image=record.digest,
+                    who=who,
+                    data={"missing": missing},
+                )
             try:
                 self.push_router()
             except (ReleaseError, RouterError) as exc:
                 self.abort(release, f"router refused the listener: {exc}")
                 raise UsageError(str(exc)) from exc
             return self.state.release(release.id)
+
+    def _untested(self, digest: str, required: list[str]) -> list[str]:
+        """The required suites without a passing result on record, described."""
+        if not required:
+            return []
+        results = passed_suites(self.store, digest)
+        return [
+            f"{suite} ({results.get(suite, 'never run')})"
+            for suite in required
+            if results.get(suite) != "passed"
+        ]
 
     def rollback(self, env: str, to: int | None, who: str) -> Release:
         with self.lock:

@@ -6,10 +6,11 @@
                                   409 address taken (+ "address"), 500 live but not
                                   saved, 503 busy (handover or shutdown; retry)
     GET  /stats                   counters per environment, release and instance
+    GET  /metrics                 the same counters in Prometheus text format
     POST /shutdown?drain=SECONDS  stop accepting, finish in-flight requests, exit
     POST /takeover                (a successor router) config + listening sockets
 
-Every error is ``{"error": "one line"}``.
+Every error is ``{"error": "one line"}``. Every answer is JSON but /metrics's.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import httptools
 
+from kiln.prometheus import CONTENT_TYPE, render
 from kiln.router.config import RouterConfig
 from kiln.router.handover import send_with_fds
+from kiln.router.metrics import families
 
 if TYPE_CHECKING:
     from kiln.router.server import Router
@@ -126,7 +129,7 @@ class ControlConn(asyncio.Protocol):
 
     async def _handle(
         self, method: str, url: bytes, body: bytes
-    ) -> tuple[int, dict[str, Any], list[int] | None]:
+    ) -> tuple[int, dict[str, Any] | str, list[int] | None]:
         parts = urlsplit(url.decode("latin-1"))
         path = parts.path.rstrip("/") or "/"
         query = parse_qs(parts.query)
@@ -156,6 +159,9 @@ class ControlConn(asyncio.Protocol):
         if path == "/stats":
             _allow(method, "GET")
             return 200, router.stats(), None
+        if path == "/metrics":
+            _allow(method, "GET")
+            return 200, render(families(router.stats())), None
         if path == "/shutdown":
             _allow(method, "POST")
             drain = _float_param(query, "drain", 10.0)
@@ -170,7 +176,7 @@ class ControlConn(asyncio.Protocol):
             return 200, payload, fds
         raise ApiError(404, f"no such endpoint: {path}")
 
-    def _write(self, status: int, payload: dict[str, Any], *, close: bool) -> None:
+    def _write(self, status: int, payload: dict[str, Any] | str, *, close: bool) -> None:
         if self.closed:
             return
         self.transport.write(_response_bytes(status, payload, close=close))
@@ -209,11 +215,15 @@ _REASONS = {
 }
 
 
-def _response_bytes(status: int, payload: dict[str, Any], *, close: bool) -> bytes:
-    body = json.dumps(payload).encode() + b"\n"
-    return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
+def _response_bytes(status: int, payload: dict[str, Any] | str, *, close: bool) -> bytes:
+    if isinstance(payload, str):
+        body, kind = payload.encode(), CONTENT_TYPE.encode()
+    else:
+        body, kind = json.dumps(payload).encode() + b"\n", b"application/json"
+    return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
         status,
         _REASONS.get(status, "Unknown").encode(),
+        kind,
         len(body),
         b"Connection: close\r\n" if close else b"",
         body,

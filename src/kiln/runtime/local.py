@@ -8,8 +8,10 @@ shares the host's network, listening on loopback at the port kiln gives it.
 
 Instances are started in a session of their own and are not tied to the
 daemon's life: a daemon that dies leaves them serving, and the next daemon
-adopts them (``find``). Output goes straight to a log file, never through a
-pipe the daemon must drain, so a dead or slow daemon never blocks an app.
+adopts them (``find``). Output goes straight to log files (stdout to
+``<id>.out``, stderr to ``<id>.err``, see :mod:`kiln.logs.files`), never
+through a pipe the daemon must drain, so a dead or slow daemon never blocks
+an app.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from pathlib import Path
 
 from kiln import procs
 from kiln.errors import MissingTool, RuntimeFailure
+from kiln.logs.files import stderr_path, stdout_path
 from kiln.runtime.base import InstanceHandle, InstanceSpec, Runtime
-
 
 # util-linux is essential in Debian, so every Debian-based image has it.
 SETPRIV = "/usr/bin/setpriv"
@@ -81,13 +83,16 @@ class LocalRuntime(Runtime):
 
     def start(self, spec: InstanceSpec) -> InstanceHandle:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(spec.log_path, "ab") as log:
+        with (
+            open(stdout_path(spec.log_path), "ab") as out,
+            open(stderr_path(spec.log_path), "ab") as err,
+        ):
             try:
                 proc = subprocess.Popen(
                     self.argv(spec),
                     stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
+                    stdout=out,
+                    stderr=err,
                     start_new_session=True,
                     close_fds=True,
                 )
@@ -102,18 +107,24 @@ class LocalRuntime(Runtime):
     def alive(self, handle: InstanceHandle) -> bool:
         return procs.alive(handle.pid, handle.started)
 
-    def stop(self, handle: InstanceHandle, grace: float) -> None:
+    def stop(self, handle: InstanceHandle, grace: float) -> bool:
         if not self.alive(handle):
-            return
+            return True
         # bwrap → its init in the new PID namespace → the app. Signal the app
         # itself (as a container engine signals PID 1): signalling bwrap would
         # only kill bwrap and leave the app to die untidily.
-        app = [c for init in procs.children(handle.pid) for c in procs.children(init)]
+        app = self.app_pids(handle)
         for pid in app:
             procs.signal_pid(pid, signal.SIGTERM)
-        if not app or not procs.wait_gone(handle.pid, handle.started, grace):
-            procs.signal_group(handle.pid, signal.SIGKILL)
-            procs.wait_gone(handle.pid, handle.started, 5)
+        if app and procs.wait_gone(handle.pid, handle.started, grace):
+            return True
+        procs.signal_group(handle.pid, signal.SIGKILL)
+        procs.wait_gone(handle.pid, handle.started, 5)
+        return False
+
+    def app_pids(self, handle: InstanceHandle) -> list[int]:
+        """The app's top processes (children of the sandbox's init)."""
+        return [c for init in procs.children(handle.pid) for c in procs.children(init)]
 
     def find(self, marker: Path) -> list[InstanceHandle]:
         prefix = str(marker).rstrip("/") + "/"
