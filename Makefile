@@ -39,5 +39,9 @@ test: lint types pytest
 bench: setup
 	$(PY) -m benchmarks
 
+# The long fault runs: 20 releases of each strategy and 20 rollbacks under load.
+soak: setup
+	$(PY) -m benchmarks zero
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .kiln-demo

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from benchmarks.common import Row
 
-SUITES = ("bake", "release")
+SUITES = ("bake", "release", "router", "heal", "zero", "scale", "logs")
 RESULTS = Path(__file__).parent / "results"
 
 

@@ -14,6 +14,7 @@ from kiln.router.wire import (
     CHUNKED,
     COOKIE_NAME,
     FORWARDED_PROTO,
+    JOIN_LIMIT,
     PAUSE_QUEUE,
     REQUEST_HEADERS,
     RQ_CONNECTION,
@@ -23,6 +24,7 @@ from kiln.router.wire import (
     RQ_PIN,
     RQ_TE,
     RQ_XFF,
+    SEND_NOW,
     connection_tokens,
     drop_request_headers,
     error_response,
@@ -69,6 +71,7 @@ class ClientConn(asyncio.Protocol):
         "url",
         "wbuf",
         "write_paused",
+        "wsize",
     )
 
     def __init__(self, proxy: Proxy, listener: Listener) -> None:
@@ -88,6 +91,7 @@ class ClientConn(asyncio.Protocol):
         self.feeding = False
         self.corked = False
         self.wbuf: list[bytes] = []
+        self.wsize = 0  # bytes in wbuf
         self.close_pending = 0
         self.closing = False
         self.retiring = False
@@ -129,12 +133,26 @@ class ClientConn(asyncio.Protocol):
                 return
         self.feeding = True
         try:
-            self._feed(data)
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._feed(data[int(exc.args[0]) :])
+        except httptools.HttpParserCallbackError:
+            log.exception("bug while parsing a request")
+            self._malformed()
+        except httptools.HttpParserError:
+            self._malformed()
         finally:
             self.feeding = False
         ex = self.active
         if ex is not None and ex.pending and ex.conn is not None:
-            ex.flush_up()
+            if ex.pending_size < SEND_NOW:
+                # Sent at the end of the loop iteration, with the other
+                # requests this iteration read (see Proxy.flush).
+                proxy = self.proxy
+                proxy.send_later.append(ex)
+                proxy.flush_soon()
+            else:
+                ex.flush_up()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -151,18 +169,18 @@ class ClientConn(asyncio.Protocol):
     # -- parsing -------------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
-        while True:
+        """Go on parsing after an upgrade request (data_received does the common case).
+
+        Upgrades (WebSocket) are not proxied: the request went out without
+        its Upgrade header, as a plain request. The parser stops at the
+        upgrade point; go on from there.
+        """
+        while data and not self.closing:
             try:
                 self.parser.feed_data(data)
                 return
             except httptools.HttpParserUpgrade as exc:
-                # Upgrades (WebSocket) are not proxied: the request went out
-                # without its Upgrade header, as a plain request. The parser
-                # stops at the upgrade point; go on from there.
-                offset = int(exc.args[0])
-                data = data[offset:]
-                if not data or self.closing:
-                    return
+                data = data[int(exc.args[0]) :]
             except httptools.HttpParserCallbackError:
                 log.exception("bug while parsing a request")
                 self._malformed()
@@ -302,28 +320,38 @@ class ClientConn(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.in_message = False
         ex = self.reading
-        self.reading = None
         if ex is not None:
-            ex.request_end()
+            self.reading = None
+            # Exchange.request_end, inlined: called for every request.
+            ex.req_done = True
+            if ex.chunked:
+                ex.request_end()
 
     # -- output and flow control ---------------------------------------------
 
     def write(self, data: bytes) -> None:
         if self.corked:
             self.wbuf.append(data)
+            self.wsize += len(data)
         elif not self.closing:
             self.transport.write(data)
 
     def uncork(self) -> None:
+        """Write what was held back (see Proxy.flush), then close if asked meanwhile."""
         self.corked = False
         buf = self.wbuf
         if buf:
             if not self.closing:
                 if len(buf) == 1:
                     self.transport.write(buf[0])
+                elif self.wsize <= JOIN_LIMIT:
+                    # Heads and small bodies: one joined write is cheaper
+                    # than the transport's writev path, for uvloop and kernel.
+                    self.transport.write(b"".join(buf))
                 else:
                     self.transport.writelines(buf)
             buf.clear()
+            self.wsize = 0
         if self.close_pending:
             linger = self.close_pending == _LINGER
             self.close_pending = 0

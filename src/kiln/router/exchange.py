@@ -20,6 +20,7 @@ from kiln.router.wire import (
     RS_CONNECTION,
     RS_LENGTH,
     RS_TE,
+    STATUS_LINES,
     connection_tokens,
     drop_response_headers,
     error_response,
@@ -153,10 +154,12 @@ class Exchange:
                 return
         if self.expect:
             client.write(CONTINUE)
-        up = self._pick(route, pool, self.started)
+        up = pool.pick(self.started)
         if up is None:
-            self._fail(503, pool.release)
-            return
+            up = self._pick(route, pool, self.started)
+            if up is None:
+                self._fail(503, pool.release)
+                return
         self._attach(up)
 
     def _pick(self, route: EnvRoute, first: Pool[Upstream], now: float) -> Upstream | None:
@@ -258,7 +261,7 @@ class Exchange:
             else:
                 self.replay = None
         conn = self.conn
-        if conn is not None and not self.client.feeding:
+        if conn is not None and not self.client.feeding and not self.pending:
             conn.transport.write(data)
             return
         self.pending.append(data)
@@ -277,7 +280,9 @@ class Exchange:
             conn.transport.writelines(pending)
         pending.clear()
         self.pending_size = 0
-        self.client.resume(PAUSE_WAIT)
+        client = self.client
+        if client.read_pause & PAUSE_WAIT:
+            client.resume(PAUSE_WAIT)
 
     # -- response direction --------------------------------------------------
 
@@ -287,7 +292,8 @@ class Exchange:
         client = self.client
         up = self.up
         assert up is not None
-        out = [status_line(status, conn.reason)]
+        line = STATUS_LINES.get(status)
+        out = [line if line is not None else status_line(status, conn.reason)]
         add = out.append
         extend = out.extend
         chunked = has_length = False

@@ -11,7 +11,7 @@ import httptools
 
 from kiln.router.config import Address
 from kiln.router.pools import ReleaseStats
-from kiln.router.wire import PAUSE_UPSTREAM
+from kiln.router.wire import BODY_CHUNK, BODY_RAW, PAUSE_UPSTREAM, SEND_NOW
 
 if TYPE_CHECKING:
     from kiln.router.exchange import Exchange
@@ -152,7 +152,8 @@ class UpstreamConn(asyncio.Protocol):
             self.transport.close()
             return
         self.idle_ticks = 0
-        self.resume_reading()
+        if self.read_paused:
+            self.resume_reading()
         up.idle.append(self)
 
     def pause_reading(self) -> None:
@@ -203,7 +204,14 @@ class UpstreamConn(asyncio.Protocol):
             self.transport.close()
             return
         client = ex.client
-        client.corked = True
+        # What the parser makes of this read reaches the client at the end
+        # of the loop iteration, with whatever else it is sent meanwhile, as
+        # one write (see Proxy.flush).
+        if not client.corked:
+            client.corked = True
+            proxy = client.proxy
+            proxy.uncork_later.append(client)
+            proxy.flush_soon()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -211,7 +219,8 @@ class UpstreamConn(asyncio.Protocol):
             self.broken = True
         except httptools.HttpParserError:
             self.broken = True
-        client.uncork()
+        if client.wsize >= SEND_NOW:
+            client.uncork()
         if self.done:
             self._complete(ex)
         elif self.broken:
@@ -221,7 +230,11 @@ class UpstreamConn(asyncio.Protocol):
 
     def _complete(self, ex: Exchange) -> None:
         self.done = False
-        self.detach()
+        # detach(), inlined: this runs once per request.
+        self.exchange = None
+        ex.conn = None
+        if self.write_paused:
+            ex.client.resume(PAUSE_UPSTREAM)
         if self.skip_body:
             self.skip_body = False
             self.parser = httptools.HttpResponseParser(self)
@@ -262,7 +275,13 @@ class UpstreamConn(asyncio.Protocol):
         if ex is None or self.done:
             self.broken = True
             return
-        ex.response_body(data)
+        # Exchange.response_body, inlined: called for every body chunk. The
+        # client is corked while the parser runs, so this only buffers.
+        mode = ex.mode
+        if mode == BODY_RAW:
+            ex.client.write(data)
+        elif mode == BODY_CHUNK:
+            ex.response_body(data)
 
     def on_message_complete(self) -> None:
         if self.interim:
@@ -271,5 +290,6 @@ class UpstreamConn(asyncio.Protocol):
         ex = self.exchange
         if ex is None or self.done:
             return
-        ex.response_end()
+        if ex.mode == BODY_CHUNK:
+            ex.response_end()
         self.done = True

@@ -18,6 +18,13 @@ PAUSE_UPSTREAM = 1  # the upstream connection's write buffer is full
 PAUSE_WAIT = 2  # body bytes are piling up while no upstream is connected yet
 PAUSE_QUEUE = 4  # pipelined requests are waiting for the current one
 
+# Output is held until the end of the event loop iteration and written in
+# one go (see Proxy.flush) unless this much is waiting: bulk transfers go out
+# read by read, as flow control expects.
+SEND_NOW = 64 * 1024
+# Buffered pieces up to this size in all are joined into one write.
+JOIN_LIMIT = 16 * 1024
+
 # How the response body travels to the client.
 BODY_NONE = 0
 BODY_RAW = 1  # as received (Content-Length, or close-delimited to the client)
@@ -70,7 +77,7 @@ RESPONSE_HEADERS = {
 }
 _CONNECTION_TOKENS_KNOWN = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 
-_STATUS_LINES = {
+STATUS_LINES = {
     int(s): b"HTTP/1.1 %d %s\r\n" % (int(s), s.phrase.encode()) for s in HTTPStatus if int(s) >= 200
 }
 FORWARDED_PROTO = b"X-Forwarded-Proto: http\r\n"
@@ -92,7 +99,7 @@ _ERROR_TEXT = {
 
 
 def status_line(status: int, reason: bytes) -> bytes:
-    line = _STATUS_LINES.get(status)
+    line = STATUS_LINES.get(status)
     if line is None:
         line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
     return line
@@ -110,6 +117,9 @@ def error_response(status: int, close: bool, http10_keep_alive: bool = False) ->
 
 
 def connection_tokens(value: bytes) -> set[bytes]:
+    """Header names a Connection header lists beyond the ones the proxy handles itself."""
+    if value.lower() in _CONNECTION_TOKENS_KNOWN:  # the usual case, one plain token
+        return set()
     return {t.strip().lower() for t in value.split(b",")} - _CONNECTION_TOKENS_KNOWN
 
 
