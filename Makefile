@@ -39,9 +39,10 @@ test: lint types pytest
 bench: setup
 	$(PY) -m benchmarks
 
-# The long fault runs: 20 releases of each strategy and 20 rollbacks under load.
+# The long fault runs: 200 releases of each strategy and 200 rollbacks under
+# load, then repeated instance kills; memory rows show any leak.
 soak: setup
-	$(PY) -m benchmarks zero
+	KILN_BENCH_ZERO_RELEASES=200 KILN_BENCH_ZERO_BUDGET=1800 $(PY) -m benchmarks zero heal
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .kiln-demo

@@ -53,8 +53,11 @@ class Backoff:
     not_before: float = 0.0
 
     def failed(self, now: float) -> None:
+        # The first replacement starts at once; only a crash loop waits,
+        # 0.5 s, 1 s, 2 s, … up to BACKOFF_MAX.
         self.failures += 1
-        self.not_before = now + min(2 ** (self.failures - 1) * 0.5, BACKOFF_MAX)
+        delay = 0.0 if self.failures == 1 else 2 ** (self.failures - 2) * 0.5
+        self.not_before = now + min(delay, BACKOFF_MAX)
 
 
 @dataclass
