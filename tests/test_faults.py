@@ -156,3 +156,48 @@ def test_full_disk_during_bake_is_a_clear_error(tmp_path: Path) -> None:
         assert run_kiln("images", "--json", env={"KILN_HOME": str(home)}).json() == {"images": []}
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_full_disk_during_release_and_logging_keeps_serving(tmp_path: Path) -> None:
+    """With KILN_HOME's disk full, a new release is refused with a clear error,
+    the serving release keeps answering (its log lines may be lost, nothing is
+    corrupted), and once space is freed the next release goes through."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    import subprocess
+    import urllib.request
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m", "tmpfs", str(disk)], check=True)
+    env = {"KILN_HOME": str(disk / "home")}
+    try:
+        port = free_port()
+        v1 = make_app(tmp_path / "v1", port, greeting="Hello")
+        v2 = make_app(tmp_path / "v2", port, greeting="Howdy")
+        assert run_kiln("bake", str(v1), env=env).code == 0
+        assert run_kiln("release", "hello:latest", "--env", "staging", env=env).code == 0
+        assert run_kiln("bake", str(v2), env=env).code == 0
+        filler = disk / "filler"
+        with open(filler, "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * (1 << 20))
+                    fh.flush()
+            except OSError:
+                pass
+        refused = run_kiln("release", "hello:latest", "--env", "staging", env=env)
+        assert refused.code == 1
+        assert "No space left on device" in refused.err and "Traceback" not in refused.err
+        for _ in range(100):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+                assert resp.status == 200 and resp.headers["X-Kiln-Release"] == "r1"
+        assert run_kiln("logs", "--env", "staging", "-n", "5", env=env).code == 0
+        filler.unlink()
+        again = run_kiln("release", "hello:latest", "--env", "staging", "--json", env=env)
+        assert again.code == 0, again.err
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+            assert resp.headers["X-Kiln-Release"] == "r2"
+    finally:
+        run_kiln("daemon", "stop", "--all", env=env)
+        subprocess.run(["umount", "-l", str(disk)], check=False)
