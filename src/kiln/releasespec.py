@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from kiln.config import config_from_text
+from kiln.config import AppConfig, config_from_text
 from kiln.errors import ConfigError, EnvironmentNotFound, UsageError
 from kiln.store import ImageRecord, ImageStore
 
@@ -35,6 +35,18 @@ def read_secrets(path: Path) -> dict[str, str]:
     return out
 
 
+def baked_config(rootfs: Path, record: ImageRecord) -> AppConfig:
+    """The kiln.toml baked into the image: its environments, tests and policies."""
+    path = rootfs / "app" / "kiln.toml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(
+            f"image {record.short} carries no /app/kiln.toml; was it baked by kiln?"
+        ) from exc
+    return config_from_text(text, Path(f"{record.app}@{record.short}:/app/kiln.toml"))
+
+
 def build_spec(
     store: ImageStore,
     record: ImageRecord,
@@ -45,14 +57,7 @@ def build_spec(
     canary_steps: list[int] | None = None,
     canary_interval: float | None = None,
 ) -> dict[str, Any]:
-    toml_path = rootfs / "app" / "kiln.toml"
-    try:
-        text = toml_path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(
-            f"image {record.short} carries no /app/kiln.toml; was it baked by kiln?"
-        ) from exc
-    config = config_from_text(text, Path(f"{record.app}@{record.short}:/app/kiln.toml"))
+    config = baked_config(rootfs, record)
     if env not in config.envs:
         known = ", ".join(sorted(config.envs)) or "none"
         raise EnvironmentNotFound(

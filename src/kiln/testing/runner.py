@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from kiln import oci
-from kiln.config import AppConfig, config_from_text
+from kiln.config import AppConfig
 from kiln.errors import UsageError
 from kiln.home import Home
 from kiln.images import latest_tests, provenance
+from kiln.releasespec import baked_config
 from kiln.rootfs import ensure_rootfs
 from kiln.runtime import get_runtime
 from kiln.state import State
@@ -58,18 +59,6 @@ def parse_suites(raw: str | None) -> list[str]:
     return [s for s in SUITES if s in chosen]
 
 
-def image_config(rootfs: Path, record: ImageRecord) -> AppConfig:
-    """The kiln.toml baked into the image: its tests and policies travel with it."""
-    path = rootfs / "app" / "kiln.toml"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(
-            f"image {record.short} carries no /app/kiln.toml; was it baked by kiln?"
-        ) from exc
-    return config_from_text(text, Path(f"{record.app}@{record.short}:/app/kiln.toml"))
-
-
 def _source_dir(store: ImageStore, record: ImageRecord) -> Path | None:
     statements = provenance(store, record.digest)
     if not statements:
@@ -94,7 +83,7 @@ def run_tests(
     store.init()
     record = store.resolve(ref)
     rootfs = ensure_rootfs(store, home.rootfs, record.digest)
-    config = image_config(rootfs, record)
+    config = baked_config(rootfs, record)
     if advisories is not None and not advisories.exists():
         raise UsageError(f"advisory database {advisories} does not exist")
     folder = None
