@@ -7,15 +7,14 @@ production traffic; every error names the offending field.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from kiln.store import atomic_write
 
 # Names end up in response headers and cookies, so they must be header- and
 # cookie-safe without any quoting.
@@ -210,21 +209,4 @@ def load_state(path: Path) -> RouterConfig | None:
 
 def save_state(path: Path, config: RouterConfig) -> None:
     """Write the state so that a crash at any point leaves the old or the new file."""
-    data = json.dumps(config.to_json(), indent=2, sort_keys=True).encode() + b"\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, json.dumps(config.to_json(), indent=2, sort_keys=True).encode() + b"\n")
